@@ -1,0 +1,61 @@
+"""Input checks shared by every loss, miner and head.
+
+Each check raises ``ValueError`` saying what was wrong and what to do, so a bad batch never
+turns silently into a NaN loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_embeddings(embeddings: Tensor, labels: Tensor | None = None) -> None:
+    """Check a batch of embeddings ``(B, D)`` and, if given, its labels ``(B,)``.
+
+    Raises:
+        ValueError: wrong rank, empty batch, non-floating dtype, NaN/Inf values, labels of
+            the wrong rank/dtype or of a different length than the embeddings.
+    """
+    if not isinstance(embeddings, Tensor):
+        raise ValueError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
+    if embeddings.dim() != 2:
+        raise ValueError(
+            f"embeddings must have shape (batch, dim), got {tuple(embeddings.shape)}; "
+            "flatten or stack them first"
+        )
+    if embeddings.shape[0] == 0 or embeddings.shape[1] == 0:
+        raise ValueError(f"embeddings are empty (shape {tuple(embeddings.shape)})")
+    if not embeddings.is_floating_point():
+        raise ValueError(f"embeddings must be floating point, got {embeddings.dtype}")
+    if not bool(torch.isfinite(embeddings).all()):
+        bad = int((~torch.isfinite(embeddings)).any(dim=1).sum())
+        raise ValueError(
+            f"embeddings contain NaN or Inf in {bad} of {embeddings.shape[0]} rows; "
+            "check the model's output (a diverged run, a bad input image, fp16 overflow)"
+        )
+    if labels is not None:
+        check_labels(labels, embeddings.shape[0])
+
+
+def check_labels(labels: Tensor, batch_size: int, num_classes: int | None = None) -> None:
+    """Check integer class labels ``(B,)``, optionally that they lie in ``[0, num_classes)``."""
+    if not isinstance(labels, Tensor):
+        raise ValueError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dim() != 1:
+        raise ValueError(f"labels must have shape (batch,), got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor (int64), got {labels.dtype}")
+    if labels.shape[0] != batch_size:
+        raise ValueError(
+            f"embeddings and labels differ in length: {batch_size} embeddings but "
+            f"{labels.shape[0]} labels"
+        )
+    if num_classes is not None and labels.numel() > 0:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(
+                f"labels must lie in [0, {num_classes}) for a head with {num_classes} classes, "
+                f"got values in [{lo}, {hi}]; remap labels to contiguous ids or enlarge "
+                "num_classes"
+            )

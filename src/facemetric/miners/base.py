@@ -15,17 +15,23 @@ from facemetric.validation import check_embeddings
 class Miner(ABC):
     """Picks informative tuples from a batch. Runs without gradient; returns batch indices.
 
-    Subclasses implement ``mine``; calling the miner checks the input first.
+    Subclasses implement ``mine``; calling the miner checks the input first. A loss that
+    already computed the batch's distance matrix with the miner's own distance object passes
+    it in (``distance_matrix``), so the ``B × B`` matrix is built once per step.
     """
 
     def __init__(self, distance: Distance | None = None) -> None:
         self.distance: Distance = EuclideanDistance() if distance is None else distance
 
-    def __call__(self, embeddings: Tensor, labels: Tensor) -> Pairs | Triplets:
+    def __call__(
+        self, embeddings: Tensor, labels: Tensor, distance_matrix: Tensor | None = None
+    ) -> Pairs | Triplets:
         check_embeddings(embeddings, labels)
         with torch.no_grad():
-            return self.mine(embeddings.detach(), labels)
+            emb = embeddings.detach()
+            dist = self.distance.matrix(emb) if distance_matrix is None else distance_matrix
+            return self.mine(emb, labels, dist.detach())
 
     @abstractmethod
-    def mine(self, embeddings: Tensor, labels: Tensor) -> Pairs | Triplets:
-        """Return the mined tuples for a checked batch."""
+    def mine(self, embeddings: Tensor, labels: Tensor, dist: Tensor) -> Pairs | Triplets:
+        """Return the mined tuples for a checked batch; ``dist`` is ``self.distance.matrix``."""

@@ -1,0 +1,92 @@
+"""Evaluation from arrays (scores, labels, embeddings), never from models.
+
+- ``verification``: 1:1 pairs — k-fold accuracy, ROC, AUC, EER, TAR@FAR.
+- ``identification``: 1:N — closed-set CMC, open-set DIR at FPIR, gallery/probe splits.
+- ``retrieval``: precision@1, R-precision, MAP@R, recall@k, in bounded memory.
+- ``clustering``: NMI, AMI, pairwise and BCubed scores; k-means, threshold and
+  average-linkage clustering of embeddings.
+- ``protocols``: LFW, CFP and ``.bin`` pair lists.
+"""
+
+from facemetric.evaluation.clustering import (
+    ClusteringReport,
+    KMeansResult,
+    PrecisionRecallF,
+    adjusted_mutual_info,
+    agglomerative_clustering,
+    bcubed_scores,
+    clustering_report,
+    kmeans,
+    normalized_mutual_info,
+    pairwise_scores,
+    threshold_clustering,
+)
+from facemetric.evaluation.identification import (
+    CMCCurve,
+    GalleryProbeSplit,
+    OpenSetResult,
+    cmc_curve,
+    open_set_identification,
+    split_gallery_probe,
+)
+from facemetric.evaluation.protocols import (
+    PairList,
+    VerificationBin,
+    load_verification_bin,
+    read_cfp_pairs,
+    read_lfw_pairs,
+)
+from facemetric.evaluation.retrieval import RetrievalReport, retrieval_metrics
+from facemetric.evaluation.verification import (
+    KFoldAccuracy,
+    RocCurve,
+    VerificationReport,
+    cosine_pair_scores,
+    equal_error_rate,
+    interleaved_folds,
+    kfold_accuracy,
+    roc_auc,
+    roc_curve,
+    scores_from_distances,
+    tar_at_far,
+    verification_report,
+)
+
+__all__ = [
+    "CMCCurve",
+    "ClusteringReport",
+    "GalleryProbeSplit",
+    "KFoldAccuracy",
+    "KMeansResult",
+    "OpenSetResult",
+    "PairList",
+    "PrecisionRecallF",
+    "RetrievalReport",
+    "RocCurve",
+    "VerificationBin",
+    "VerificationReport",
+    "adjusted_mutual_info",
+    "agglomerative_clustering",
+    "bcubed_scores",
+    "clustering_report",
+    "cmc_curve",
+    "cosine_pair_scores",
+    "equal_error_rate",
+    "interleaved_folds",
+    "kfold_accuracy",
+    "kmeans",
+    "load_verification_bin",
+    "normalized_mutual_info",
+    "open_set_identification",
+    "pairwise_scores",
+    "read_cfp_pairs",
+    "read_lfw_pairs",
+    "retrieval_metrics",
+    "roc_auc",
+    "roc_curve",
+    "scores_from_distances",
+    "split_gallery_probe",
+    "tar_at_far",
+    "threshold_clustering",
+    "verification_report",
+]

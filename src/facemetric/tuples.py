@@ -61,9 +61,23 @@ class Triplets:
 
     def to_pairs(self) -> Pairs:
         """The distinct positive (a, p) and negative (a, n) pairs the triplets contain."""
-        pos = torch.unique(torch.stack([self.anchor, self.positive], 1), dim=0)
-        neg = torch.unique(torch.stack([self.anchor, self.negative], 1), dim=0)
-        return Pairs(pos[:, 0], pos[:, 1], neg[:, 0], neg[:, 1])
+        pos_a, pos_b = _unique_pairs(self.anchor, self.positive)
+        neg_a, neg_b = _unique_pairs(self.anchor, self.negative)
+        return Pairs(pos_a, pos_b, neg_a, neg_b)
+
+
+def _unique_pairs(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """The distinct ``(a[i], b[i])`` in lexicographic order, like ``torch.unique(dim=0)``.
+
+    Each pair is encoded as one integer ``(a − lo)·n + (b − lo)``, which sorts the same way;
+    a 1-D ``unique`` on those is far faster than ``unique(dim=0)`` on the stacked rows.
+    """
+    if a.numel() == 0:
+        return a.clone(), b.clone()
+    lo = torch.minimum(a.min(), b.min())
+    n = torch.maximum(a.max(), b.max()) - lo + 1
+    key = torch.unique((a - lo) * n + (b - lo))
+    return key // n + lo, key % n + lo
 
 
 def same_label_mask(labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -83,11 +97,15 @@ def all_pairs(labels: Tensor) -> Pairs:
 
 
 def all_triplets(labels: Tensor) -> Triplets:
-    """Every triplet (a, p, n) with label[a]==label[p], a≠p, label[a]≠label[n]."""
+    """Every triplet (a, p, n) with label[a]==label[p], a≠p, label[a]≠label[n].
+
+    Ordered by (a, p, n). Built from the ``|P| × B`` mask of positive pairs against
+    candidate negatives, not a ``B³`` one.
+    """
     pos, neg = same_label_mask(labels)
-    valid = pos[:, :, None] & neg[:, None, :]
-    a, p, n = valid.nonzero(as_tuple=True)
-    return Triplets(a, p, n)
+    a, p = pos.nonzero(as_tuple=True)
+    pair_index, n = neg[a].nonzero(as_tuple=True)
+    return Triplets(a[pair_index], p[pair_index], n)
 
 
 def as_pairs(tuples: Pairs | Triplets) -> Pairs:
@@ -97,6 +115,16 @@ def as_pairs(tuples: Pairs | Triplets) -> Pairs:
     if isinstance(tuples, Triplets):
         return tuples.to_pairs()
     raise ValueError(f"expected Pairs or Triplets, got {type(tuples).__name__}")
+
+
+def pair_masks(pairs: Pairs, batch_size: int) -> tuple[Tensor, Tensor]:
+    """Boolean ``(B, B)`` masks with ``True`` at the given positive / negative pairs."""
+    device = pairs.pos_a.device
+    pos = torch.zeros(batch_size, batch_size, dtype=torch.bool, device=device)
+    neg = torch.zeros(batch_size, batch_size, dtype=torch.bool, device=device)
+    pos[pairs.pos_a, pairs.pos_b] = True
+    neg[pairs.neg_a, pairs.neg_b] = True
+    return pos, neg
 
 
 def check_tuples(tuples: Pairs | Triplets, batch_size: int) -> None:
@@ -121,5 +149,6 @@ __all__ = [
     "all_triplets",
     "as_pairs",
     "check_tuples",
+    "pair_masks",
     "same_label_mask",
 ]

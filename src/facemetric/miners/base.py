@@ -27,6 +27,12 @@ class Miner(ABC):
         self, embeddings: Tensor, labels: Tensor, distance_matrix: Tensor | None = None
     ) -> Pairs | Triplets:
         check_embeddings(embeddings, labels)
+        return self.mine_checked(embeddings, labels, distance_matrix)
+
+    def mine_checked(
+        self, embeddings: Tensor, labels: Tensor, distance_matrix: Tensor | None = None
+    ) -> Pairs | Triplets:
+        """``__call__`` without the input checks, for callers that already made them."""
         with torch.no_grad():
             emb = embeddings.detach()
             dist = self.distance.matrix(emb) if distance_matrix is None else distance_matrix

@@ -55,7 +55,7 @@ class TupleLoss(nn.Module):
         dist = self.distance.matrix(embeddings) if self.uses_distance_matrix else None
         if tuples is None and self.miner is not None:
             shared = dist if dist is not None and self.miner.distance is self.distance else None
-            tuples = self.miner(embeddings, labels, shared)
+            tuples = self.miner.mine_checked(embeddings, labels, shared)
         if tuples is not None:
             check_tuples(tuples, embeddings.shape[0])
         return self.compute(embeddings, labels, tuples, dist)

@@ -134,7 +134,7 @@ def _contrastive_ref(x, labels, kind, mp, mn, squared, pos=None, neg=None):
 def test_contrastive_matches_loop(kind, squared, explicit):
     mp, mn = (0.8, 2.5) if kind == "euclidean" else (0.3, 1.0)
     pos, neg = _some_pairs(LABELS) if explicit else (None, None)
-    loss = ContrastiveLoss(_distance(kind), pos_margin=mp, neg_margin=mn, squared=squared)
+    loss = ContrastiveLoss(distance=_distance(kind), pos_margin=mp, neg_margin=mn, squared=squared)
     tuples = _pairs(pos, neg) if explicit else None
     _check_value_and_grad(
         lambda x, y: loss(x, y, tuples),
@@ -192,7 +192,7 @@ def _triplet_ref(x, labels, kind, margin, squared, triplets=None):
 def test_triplet_matches_loop(kind, squared, explicit):
     margin = 1.0 if kind == "euclidean" else 0.3
     t = _some_triplets(LABELS) if explicit else None
-    loss = TripletLoss(_distance(kind), margin=margin, squared=squared)
+    loss = TripletLoss(distance=_distance(kind), margin=margin, squared=squared)
     _check_value_and_grad(
         lambda x, y: loss(x, y, None if t is None else _triplets(t)),
         lambda x, y: _triplet_ref(x, y, kind, margin, squared, t),
@@ -252,7 +252,7 @@ def _quadruplet_ref(x, labels, kind, m1, m2, triplets=None):
 def test_quadruplet_matches_loop(kind, explicit):
     m1, m2 = (1.0, 0.5) if kind == "euclidean" else (0.3, 0.1)
     t = _some_triplets(LABELS) if explicit else None
-    loss = QuadrupletLoss(_distance(kind), margin1=m1, margin2=m2)
+    loss = QuadrupletLoss(distance=_distance(kind), margin1=m1, margin2=m2)
     _check_value_and_grad(
         lambda x, y: loss(x, y, None if t is None else _triplets(t)),
         lambda x, y: _quadruplet_ref(x, y, kind, m1, m2, t),
@@ -296,7 +296,7 @@ def test_lifted_structure_matches_loop(kind, explicit):
     # with few negatives the cosine J goes negative for some pairs: the hinge is exercised
     alpha = 1.0 if kind == "euclidean" else 0.05
     pos, neg = _some_pairs(LABELS) if explicit else (None, None)
-    loss = LiftedStructureLoss(_distance(kind), margin=alpha)
+    loss = LiftedStructureLoss(distance=_distance(kind), margin=alpha)
     tuples = _pairs(pos, neg) if explicit else None
     _check_value_and_grad(
         lambda x, y: loss(x, y, tuples), lambda x, y: _lifted_ref(x, y, kind, alpha, pos, neg)
@@ -404,7 +404,7 @@ def _npair_ref(x, labels, l2_reg, kind=None, pos=None):
 @pytest.mark.parametrize("explicit", [False, True])
 def test_npair_matches_loop(kind, explicit):
     pos = _some_pairs(LABELS)[0] if explicit else None
-    loss = NPairLoss(None if kind is None else _distance(kind), l2_reg=0.3)
+    loss = NPairLoss(distance=None if kind is None else _distance(kind), l2_reg=0.3)
     tuples = _pairs(pos, []) if explicit else None
     _check_value_and_grad(
         lambda x, y: loss(x, y, tuples), lambda x, y: _npair_ref(x, y, 0.3, kind, pos)
@@ -435,7 +435,7 @@ def test_npair_matches_pml_on_one_pair_per_identity(kind):
         ours_fn = NPairLoss(l2_reg=0.0)
         sim = pml_distances.DotProductSimilarity(normalize_embeddings=False)
     else:
-        ours_fn = NPairLoss(CosineDistance(), l2_reg=0.0)
+        ours_fn = NPairLoss(distance=CosineDistance(), l2_reg=0.0)
         sim = pml_distances.CosineSimilarity()
     x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     ours = ours_fn(x1, labels, tuples)
@@ -459,7 +459,7 @@ def test_npair_without_distance_needs_no_distance_matrix():
     x, labels = _batch()
     NPairLoss(miner=_FixedMiner(_pairs([(0, 1)], []), Recording()))(x, labels)
     assert Recording.calls == 1  # the miner's own, not one for the loss
-    NPairLoss(Recording())(x, labels)
+    NPairLoss(distance=Recording())(x, labels)
     assert Recording.calls == 2
 
 
@@ -644,9 +644,9 @@ def test_float32_peaked_softmax_stays_accurate_and_free_of_subnormals(cls):
     labels = torch.arange(6).repeat_interleave(4)
     params = {"l2_reg": 0.0} if cls is NPairLoss else {"margin": 1.0}
     x64, x32 = x.clone().requires_grad_(True), x.float().requires_grad_(True)
-    want = cls(EuclideanDistance(), **params)(x64, labels)
+    want = cls(distance=EuclideanDistance(), **params)(x64, labels)
     recorder = _GradRecordingDistance()
-    got = cls(recorder, **params)(x32, labels)
+    got = cls(distance=recorder, **params)(x32, labels)
     want.backward()
     got.backward()
     assert got.item() == pytest.approx(want.item(), rel=1e-5)

@@ -38,13 +38,14 @@ class ContrastiveLoss(TupleLoss):
 
     def __init__(
         self,
-        distance: Distance | None = None,
-        miner: Miner | None = None,
         pos_margin: float = 0.0,
         neg_margin: float = 1.0,
         squared: bool = False,
+        *,
+        distance: Distance | None = None,
+        miner: Miner | None = None,
     ) -> None:
-        super().__init__(distance, miner)
+        super().__init__(distance=distance, miner=miner)
         if pos_margin < 0 or neg_margin <= pos_margin:
             raise ValueError(
                 "ContrastiveLoss needs 0 <= pos_margin < neg_margin, got "

@@ -74,7 +74,7 @@ class FacilityLocationLoss(TupleLoss):
     and ``γ`` keeps the paper's meaning. ``tuples`` are not used (``ValueError`` if given).
     """
 
-    def __init__(self, gamma: float = 1.0, distance: Distance | None = None) -> None:
+    def __init__(self, gamma: float = 1.0, *, distance: Distance | None = None) -> None:
         super().__init__(distance=distance)
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")

@@ -403,6 +403,7 @@ class HierarchicalTripletLoss(TupleLoss):
         tree: ClassTree | None = None,
         beta: float = 0.1,
         num_levels: int = 16,
+        *,
         distance: Distance | None = None,
         miner: Miner | None = None,
     ) -> None:

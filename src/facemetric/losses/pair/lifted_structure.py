@@ -37,11 +37,12 @@ class LiftedStructureLoss(TupleLoss):
 
     def __init__(
         self,
+        margin: float = 1.0,
+        *,
         distance: Distance | None = None,
         miner: Miner | None = None,
-        margin: float = 1.0,
     ) -> None:
-        super().__init__(distance, miner)
+        super().__init__(distance=distance, miner=miner)
         if margin <= 0:
             raise ValueError(f"LiftedStructureLoss margin must be > 0, got {margin}")
         self.margin = float(margin)

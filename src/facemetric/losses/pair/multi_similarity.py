@@ -42,6 +42,7 @@ class MultiSimilarityLoss(TupleLoss):
         alpha: float = 2.0,
         beta: float = 50.0,
         base: float = 0.5,
+        *,
         distance: Distance | None = None,
         miner: Miner | None = None,
     ) -> None:

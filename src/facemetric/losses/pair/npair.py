@@ -44,11 +44,12 @@ class NPairLoss(TupleLoss):
 
     def __init__(
         self,
+        l2_reg: float = 0.02,
+        *,
         distance: Distance | None = None,
         miner: Miner | None = None,
-        l2_reg: float = 0.02,
     ) -> None:
-        super().__init__(distance, miner)
+        super().__init__(distance=distance, miner=miner)
         if l2_reg < 0:
             raise ValueError(f"NPairLoss l2_reg must be >= 0, got {l2_reg}")
         self.l2_reg = float(l2_reg)

@@ -42,12 +42,13 @@ class QuadrupletLoss(TupleLoss):
 
     def __init__(
         self,
-        distance: Distance | None = None,
-        miner: Miner | None = None,
         margin1: float = 0.2,
         margin2: float = 0.1,
+        *,
+        distance: Distance | None = None,
+        miner: Miner | None = None,
     ) -> None:
-        super().__init__(distance, miner)
+        super().__init__(distance=distance, miner=miner)
         if margin1 < 0 or margin2 < 0:
             raise ValueError(
                 f"QuadrupletLoss margins must be >= 0, got margin1={margin1}, margin2={margin2}"

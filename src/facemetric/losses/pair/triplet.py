@@ -36,12 +36,13 @@ class TripletLoss(TupleLoss):
 
     def __init__(
         self,
-        distance: Distance | None = None,
-        miner: Miner | None = None,
         margin: float = 0.2,
         squared: bool = False,
+        *,
+        distance: Distance | None = None,
+        miner: Miner | None = None,
     ) -> None:
-        super().__init__(distance, miner)
+        super().__init__(distance=distance, miner=miner)
         if margin < 0:
             raise ValueError(f"TripletLoss margin must be >= 0, got {margin}")
         self.margin = float(margin)

@@ -28,7 +28,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
         fallback=args.fallback,
     )
     print(report.summary())
-    return 0 if report.ok_count > 0 or report.total == 0 else 1
+    return 0 if report.failed == 0 else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

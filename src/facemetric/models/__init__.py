@@ -1,0 +1,34 @@
+"""Backbones for 112×112 faces, built by name: ``build_model("iresnet50")``."""
+
+from facemetric.models.iresnet import (
+    IResidualUnit,
+    IResNet,
+    iresnet18,
+    iresnet34,
+    iresnet50,
+    iresnet100,
+)
+from facemetric.models.mobilefacenet import MobileFaceNet, mobilefacenet
+from facemetric.models.registry import (
+    INPUT_SIZE,
+    available_models,
+    build_model,
+    check_face_batch,
+    register_model,
+)
+
+__all__ = [
+    "INPUT_SIZE",
+    "IResNet",
+    "IResidualUnit",
+    "MobileFaceNet",
+    "available_models",
+    "build_model",
+    "check_face_batch",
+    "iresnet18",
+    "iresnet34",
+    "iresnet50",
+    "iresnet100",
+    "mobilefacenet",
+    "register_model",
+]

@@ -1,0 +1,134 @@
+"""MobileFaceNet (Chen, Liu, Gao, Han: "MobileFaceNets: Efficient CNNs for Accurate
+Real-Time Face Verification on Mobile Devices", CCBR 2018, table 1).
+
+``(B, 3, 112, 112)`` → conv3×3/2 (64) → depthwise conv3×3 (64) → MobileNetV2 bottlenecks
+(expansion t, output c, repeats n, first stride s):
+
+====  ===  ===  ===
+t     c    n    s
+====  ===  ===  ===
+2     64   5    2
+4     128  1    2
+2     128  6    1
+4     128  1    2
+2     128  2    1
+====  ===  ===  ===
+
+→ conv1×1 (512) → global depthwise conv 7×7 (GDC, linear) → linear conv1×1 (D) → BN.
+A bottleneck is ``conv1×1 (expand) → depthwise conv3×3 (stride) → linear conv1×1
+(project)``, each with BN, PReLU after the first two, and a residual connection when the
+stride is 1 and the channel count is unchanged. Every non-linearity is a PReLU. The GDC
+replaces global average pooling: each of the 512 channels learns its own 7×7 weighting
+of the final map, so the centre of the face can weigh more than its corners.
+
+Parameters (``sum(p.numel() for p in m.parameters())``; arithmetic in
+``tests/models/test_mobilefacenet.py``): 1,200,512 with ``embedding_size=512``,
+1,003,136 with the paper's 128 (the paper reports 0.99M).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from facemetric.models.registry import INPUT_SIZE, check_face_batch, register_model
+
+BOTTLENECKS: tuple[tuple[int, int, int, int], ...] = (
+    (2, 64, 5, 2),
+    (4, 128, 1, 2),
+    (2, 128, 6, 1),
+    (4, 128, 1, 2),
+    (2, 128, 2, 1),
+)
+"""MobileFaceNet's bottleneck stages as ``(expansion t, channels c, repeats n, stride s)``."""
+
+_FINAL_MAP = INPUT_SIZE // 16  # 112 → 7 after four stride-2 layers
+
+
+def _conv_bn(
+    in_ch: int,
+    out_ch: int,
+    kernel: int,
+    stride: int = 1,
+    groups: int = 1,
+    prelu: bool = True,
+    padding: int | None = None,
+) -> nn.Sequential:
+    pad = kernel // 2 if padding is None else padding
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=pad, groups=groups, bias=False),
+        nn.BatchNorm2d(out_ch),
+    ]
+    if prelu:
+        layers.append(nn.PReLU(out_ch))
+    return nn.Sequential(*layers)
+
+
+class Bottleneck(nn.Module):
+    """Inverted residual: expand 1×1 → depthwise 3×3 (stride) → linear project 1×1."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, expansion: int) -> None:
+        super().__init__()
+        hidden = in_ch * expansion
+        self.residual = stride == 1 and in_ch == out_ch
+        self.body = nn.Sequential(
+            _conv_bn(in_ch, hidden, 1),
+            _conv_bn(hidden, hidden, 3, stride=stride, groups=hidden),
+            _conv_bn(hidden, out_ch, 1, prelu=False),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, in_ch, H, W) → (B, out_ch, H/stride, W/stride)``."""
+        y = self.body(x)
+        return x + y if self.residual else y
+
+
+class MobileFaceNet(nn.Module):
+    """MobileFaceNet: ``(B, 3, 112, 112)`` float → ``(B, embedding_size)``, not normalised.
+
+    Args:
+        embedding_size: output dimension ``D`` (the paper: 128; 512 is the common choice
+            when training with ArcFace-style classifiers).
+    """
+
+    def __init__(self, embedding_size: int = 512) -> None:
+        super().__init__()
+        if embedding_size < 1:
+            raise ValueError(f"embedding_size must be positive, got {embedding_size}")
+        self.embedding_size = embedding_size
+        self.stem = nn.Sequential(
+            _conv_bn(3, 64, 3, stride=2),
+            _conv_bn(64, 64, 3, groups=64),
+        )
+        blocks: list[nn.Module] = []
+        in_ch = 64
+        for t, c, n, s in BOTTLENECKS:
+            for i in range(n):
+                blocks.append(Bottleneck(in_ch, c, stride=s if i == 0 else 1, expansion=t))
+                in_ch = c
+        self.blocks = nn.Sequential(*blocks)
+        self.expand = _conv_bn(in_ch, 512, 1)
+        self.gdc = _conv_bn(512, 512, _FINAL_MAP, groups=512, prelu=False, padding=0)
+        self.embed = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(512, embedding_size, bias=False),  # the paper's linear 1×1 conv
+            nn.BatchNorm1d(embedding_size),
+        )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.PReLU):
+                nn.init.constant_(m.weight, 0.25)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, 3, 112, 112)`` → ``(B, embedding_size)``; ``ValueError`` on other shapes."""
+        check_face_batch(x)
+        return self.embed(self.gdc(self.expand(self.blocks(self.stem(x)))))
+
+
+@register_model("mobilefacenet")
+def mobilefacenet(embedding_size: int = 512) -> MobileFaceNet:
+    """MobileFaceNet (Chen et al. 2018); 1,200,512 parameters with a 512-d embedding."""
+    return MobileFaceNet(embedding_size)

@@ -1,0 +1,101 @@
+"""MobileFaceNet: hand parameter count, shapes, GDC, training step, eval determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from facemetric.models import MobileFaceNet, build_model
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def bottleneck_params(c_in: int, c_out: int, t: int) -> int:
+    h = c_in * t
+    expand = c_in * h + 2 * h + h  # 1×1 conv, BN, PReLU
+    depthwise = 9 * h + 2 * h + h  # 3×3 depthwise conv, BN, PReLU
+    project = h * c_out + 2 * c_out  # linear 1×1 conv, BN
+    return expand + depthwise + project
+
+
+def mobilefacenet_params(d: int) -> int:
+    stem = (27 * 64 + 2 * 64 + 64) + (9 * 64 + 2 * 64 + 64)  # conv3×3/2, depthwise conv3×3
+    blocks = (
+        5 * bottleneck_params(64, 64, 2)  # the first has stride 2, same parameters
+        + bottleneck_params(64, 128, 4)
+        + 6 * bottleneck_params(128, 128, 2)
+        + bottleneck_params(128, 128, 4)
+        + 2 * bottleneck_params(128, 128, 2)
+    )
+    expand = 128 * 512 + 2 * 512 + 512
+    gdc = 7 * 7 * 512 + 2 * 512  # one 7×7 filter per channel, BN, no PReLU
+    embed = 512 * d + 2 * d  # linear 1×1 conv (no bias), BN1d
+    return stem + blocks + expand + gdc + embed
+
+
+def test_param_count_matches_the_hand_count():
+    # Written out for d = 512: 1,920 + 768 (stem) + 92,160 + 53,248 + 417,792 + 139,008
+    # + 139,264 (bottlenecks) + 67,072 + 26,112 + 263,168 (head) = 1,200,512.
+    assert mobilefacenet_params(512) == 1_200_512
+    assert n_params(build_model("mobilefacenet")) == 1_200_512
+
+
+def test_param_count_with_the_papers_128_d_embedding():
+    model = build_model("mobilefacenet", embedding_size=128)
+    assert n_params(model) == mobilefacenet_params(128) == 1_003_136
+    assert abs(n_params(model) / 1e6 - 0.99) < 0.02  # the paper reports 0.99M
+
+
+@pytest.mark.parametrize("d", [512, 128])
+def test_output_shape_and_final_map(d):
+    model = build_model("mobilefacenet", embedding_size=d).eval()
+    seen: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str):
+        def hook(module, inputs, output) -> None:
+            seen[name] = tuple(output.shape)
+
+        return hook
+
+    model.blocks.register_forward_hook(record("blocks"))
+    model.gdc.register_forward_hook(record("gdc"))
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 112, 112))
+    assert out.shape == (2, d)
+    assert seen["blocks"] == (2, 128, 7, 7)
+    assert seen["gdc"] == (2, 512, 1, 1)
+
+
+def test_gdc_is_a_depthwise_7x7():
+    conv = MobileFaceNet().gdc[0]
+    assert conv.groups == 512 and conv.kernel_size == (7, 7) and conv.weight.shape == (512, 1, 7, 7)
+
+
+def test_training_steps_reduce_a_loss():
+    model = build_model("mobilefacenet", embedding_size=16).train()
+    x = torch.randn(4, 3, 112, 112)
+    target = torch.randn(4, 16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), target)
+        loss.backward()
+        losses.append(loss.item())
+        opt.step()
+    assert all(p.grad is not None for p in model.parameters())
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_eval_mode_is_deterministic_and_per_sample():
+    model = build_model("mobilefacenet", embedding_size=32).train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 112, 112))
+    model.eval()
+    x = torch.randn(3, 3, 112, 112)
+    with torch.no_grad():
+        a, b, single = model(x), model(x), model(x[2:3])
+    assert torch.equal(a, b)
+    torch.testing.assert_close(single, a[2:3], rtol=1e-4, atol=1e-4)

@@ -29,6 +29,7 @@ from facemetric.evaluation.identification import (
     open_set_identification,
     split_gallery_probe,
 )
+from facemetric.evaluation.plots import plot_cmc, plot_roc, plot_score_histograms
 from facemetric.evaluation.protocols import (
     PairList,
     VerificationBin,
@@ -36,6 +37,7 @@ from facemetric.evaluation.protocols import (
     read_cfp_pairs,
     read_lfw_pairs,
 )
+from facemetric.evaluation.report import ReportFiles, comparison_table, write_verification_report
 from facemetric.evaluation.retrieval import RetrievalReport, retrieval_metrics
 from facemetric.evaluation.verification import (
     KFoldAccuracy,
@@ -51,16 +53,23 @@ from facemetric.evaluation.verification import (
     tar_at_far,
     verification_report,
 )
+from facemetric.evaluation.visualize import (
+    EmbeddingProjection,
+    embedding_map,
+    project_embeddings,
+)
 
 __all__ = [
     "CMCCurve",
     "ClusteringReport",
+    "EmbeddingProjection",
     "GalleryProbeSplit",
     "KFoldAccuracy",
     "KMeansResult",
     "OpenSetResult",
     "PairList",
     "PrecisionRecallF",
+    "ReportFiles",
     "RetrievalReport",
     "RocCurve",
     "VerificationBin",
@@ -70,7 +79,9 @@ __all__ = [
     "bcubed_scores",
     "clustering_report",
     "cmc_curve",
+    "comparison_table",
     "cosine_pair_scores",
+    "embedding_map",
     "equal_error_rate",
     "interleaved_folds",
     "kfold_accuracy",
@@ -79,6 +90,10 @@ __all__ = [
     "normalized_mutual_info",
     "open_set_identification",
     "pairwise_scores",
+    "plot_cmc",
+    "plot_roc",
+    "plot_score_histograms",
+    "project_embeddings",
     "read_cfp_pairs",
     "read_lfw_pairs",
     "retrieval_metrics",
@@ -89,4 +104,5 @@ __all__ = [
     "tar_at_far",
     "threshold_clustering",
     "verification_report",
+    "write_verification_report",
 ]

@@ -31,6 +31,7 @@ from pytorch_metric_learning import miners as pml_miners
 import facemetric.losses as fl
 import facemetric.miners as fm
 from facemetric.distances import CosineDistance, EuclideanDistance
+from facemetric.losses.pair import ClassTree, MagnetClusterIndex
 
 B, D = 256, 512
 ARC_MARGIN = 0.5  # radians; pml takes degrees
@@ -62,7 +63,7 @@ def busy_fraction(seconds: float = 2.0) -> float:
     return 1.0 - (i1 - i0) / max(t1 - t0, 1)
 
 
-def median_ms(fn: Callable[[], None], reps: int, warmup: int = 2, budget_s: float = 20.0) -> float:
+def median_ms(fn: Callable[[], None], reps: int, warmup: int = 2, budget_s: float = 30.0) -> float:
     for _ in range(warmup):
         fn()
     times: list[float] = []
@@ -74,6 +75,26 @@ def median_ms(fn: Callable[[], None], reps: int, warmup: int = 2, budget_s: floa
         if time.perf_counter() - start > budget_s and len(times) >= 3:
             break
     return statistics.median(times)
+
+
+def interleaved_ms(
+    fns: dict[str, Callable[[], None]], reps: int, warmup: int = 2, budget_s: float = 60.0
+) -> dict[str, float]:
+    """Median ms of each function, timed round-robin (one run of each per repetition) so
+    that drift in the machine's speed hits every candidate alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t) * 1e3)
+        if time.perf_counter() - start > budget_s and len(times[name]) >= 3:
+            break
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def step(loss: torch.nn.Module, emb: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
@@ -126,25 +147,23 @@ def classifier_cases(c: int) -> list[tuple[str, Callable[[], torch.nn.Module], o
          None, c),
         ("Center (λ=0.01)", lambda: fl.CenterLoss(c, D, lam=0.01, alpha=0.5), None, c),
         ("SubCenterArcFace (k=3)", lambda: fl.SubCenterArcFaceLoss(c, D, k=3),
-         lambda: pml_losses.SubCenterArcFaceLoss(c, D, margin=deg, scale=SCALE, sub_centers=3),
+         lambda: pml_losses.SubCenterArcFaceLoss(
+             num_classes=c, embedding_size=D, margin=deg, scale=SCALE, sub_centers=3),
          3 * c),
     ]
 
 
 def bench_classifiers(classes: list[int], reps: int, peer_max_c: int) -> list[Row]:
     rows: list[Row] = []
-    floors: dict[int, float] = {}
     for c in classes:
         emb = torch.randn(B, D, requires_grad=True)
         labels = torch.randint(0, c, (B,))
         for name, ours, peer, floor_c in classifier_cases(c):
-            if floor_c not in floors:
-                floors[floor_c] = median_ms(classifier_floor(floor_c), reps)
-            ours_ms = median_ms(step(ours(), emb, labels), reps)
-            peer_ms = None
+            fns = {"floor": classifier_floor(floor_c), "ours": step(ours(), emb, labels)}
             if peer is not None and c <= peer_max_c:
-                peer_ms = median_ms(step(peer(), emb, labels), reps)  # type: ignore[operator]
-            rows.append(Row(f"classifier C={c:,}", name, ours_ms, peer_ms, floors[floor_c]))
+                fns["peer"] = step(peer(), emb, labels)  # type: ignore[operator]
+            ms = interleaved_ms(fns, reps)
+            rows.append(Row(f"classifier C={c:,}", name, ms["ours"], ms.get("peer"), ms["floor"]))
             print(_fmt(rows[-1]), flush=True)
     return rows
 
@@ -197,12 +216,18 @@ def pair_cases() -> list[tuple[str, Callable[[], torch.nn.Module], object]]:
              pml_miners.DistanceWeightedMiner(
                  distance=pml_distances.LpDistance(normalize_embeddings=True)))),
         ("quadruplet", lambda: fl.QuadrupletLoss(distance=unit), None),
-        ("hierarchical triplet (batch step)", lambda: fl.HierarchicalTripletLoss(), None),
+        ("hierarchical triplet (tree given)", _htl_with_batch_tree, None),
+        ("hierarchical triplet (tree per batch)", lambda: fl.HierarchicalTripletLoss(), None),
         ("magnet (batch step)", lambda: fl.MagnetLoss(), None),
         ("facility location", lambda: fl.FacilityLocationLoss(), None),
         ("cosine contrastive", lambda: fl.ContrastiveLoss(
             distance=CosineDistance(), pos_margin=0.0, neg_margin=0.5), None),
     ]
+
+
+def _htl_with_batch_tree() -> torch.nn.Module:
+    emb, labels = pk_batch()
+    return fl.HierarchicalTripletLoss(tree=ClassTree.build(emb.detach(), labels))
 
 
 class _pml_with_miner(torch.nn.Module):  # noqa: N801 - reads as a function at the call site
@@ -218,14 +243,13 @@ class _pml_with_miner(torch.nn.Module):  # noqa: N801 - reads as a function at t
 
 def bench_pairs(reps: int) -> list[Row]:
     rows: list[Row] = []
-    floor = median_ms(pair_floor(), reps * 4)
     emb, labels = pk_batch()
     for name, ours, peer in pair_cases():
-        ours_ms = median_ms(step(ours(), emb, labels), reps * 4)
-        peer_ms = None
+        fns = {"floor": pair_floor(), "ours": step(ours(), emb, labels)}
         if peer is not None:
-            peer_ms = median_ms(step(peer(), emb, labels), reps * 4)  # type: ignore[operator]
-        rows.append(Row("pair B=256 (64×4)", name, ours_ms, peer_ms, floor))
+            fns["peer"] = step(peer(), emb, labels)  # type: ignore[operator]
+        ms = interleaved_ms(fns, reps * 4)
+        rows.append(Row("pair B=256 (64×4)", name, ms["ours"], ms.get("peer"), ms["floor"]))
         print(_fmt(rows[-1]), flush=True)
     return rows
 
@@ -236,7 +260,14 @@ def bench_rebuilds(reps: int) -> list[Row]:
     n, classes = 10_000, 1_000
     emb = torch.nn.functional.normalize(torch.randn(n, D), dim=1)
     labels = torch.arange(classes).repeat_interleave(n // classes)
-    for name, fn in fl.rebuild_benchmarks(emb, labels):
+    cases = [
+        ("hierarchical-triplet ClassTree.build", lambda: ClassTree.build(emb, labels)),
+        ("magnet k-means refresh (K=4)",
+         lambda: MagnetClusterIndex(clusters_per_class=4).refresh(emb, labels)),
+        ("magnet k-means refresh (K=8)",
+         lambda: MagnetClusterIndex(clusters_per_class=8).refresh(emb, labels)),
+    ]
+    for name, fn in cases:
         rows.append(Row("rebuild N=10k, 1k classes", name, median_ms(fn, reps, 1), None, None))
         print(_fmt(rows[-1]), flush=True)
     return rows

@@ -11,9 +11,21 @@ from facemetric import __version__
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from facemetric.demo import run_demo
+    from facemetric.lfw_demo import has_lfw, run_lfw_demo
 
-    result = run_demo(Path(args.data), out_dir=Path(args.out))
+    data = Path(args.data)
+    if has_lfw(data):
+        result = run_lfw_demo(
+            data, out_dir=Path(args.out), cache_dir=Path(args.cache), max_steps=args.steps
+        )
+    else:
+        from facemetric.demo import run_demo
+
+        print(
+            f"no LFW under {data / 'lfw'} (lfw-deepfunneled + peopleDevTrain.txt + "
+            "pairsDevTest.txt, from vis-www.cs.umass.edu/lfw): running the short ORL demo"
+        )
+        result = run_demo(data, out_dir=Path(args.out))
     print(result.summary())
     return 0
 
@@ -31,6 +43,128 @@ def _cmd_align(args: argparse.Namespace) -> int:
     return 0 if report.failed == 0 else 1
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from facemetric.training import run_from_cli
+
+    result = run_from_cli(Path(args.config), resume=args.resume)
+    last = result.losses[-1] if result.losses else float("nan")
+    print(
+        f"trained {result.steps} steps ({result.epochs} epochs) in {result.wall_seconds:.0f} s, "
+        f"{result.images_per_second:.1f} img/s, last loss {last:.4f}\n"
+        f"  checkpoint: {result.checkpoint}\n  log: {result.log_csv}\n"
+        f"  loss curve: {result.loss_plot}"
+    )
+    if result.failures:
+        print(f"  {len(result.failures)} images could not be loaded (listed in the log)")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from facemetric.evaluation.run import evaluate
+
+    if (args.gallery is None) != (args.probe is None):
+        raise ValueError("--gallery and --probe go together")
+    result = evaluate(
+        Path(args.model),
+        data_root=None if args.data is None else Path(args.data),
+        pairs_file=None if args.pairs is None else Path(args.pairs),
+        cfp_root=None if args.cfp is None else Path(args.cfp),
+        protocol=args.protocol,
+        bin_file=None if args.bin is None else Path(args.bin),
+        gallery=None if args.gallery is None else Path(args.gallery),
+        probe=None if args.probe is None else Path(args.probe),
+        out_dir=Path(args.out),
+        flip=not args.no_flip,
+        folds=args.folds,
+        batch_size=args.batch_size,
+        device=args.device,
+        workers=args.workers,
+    )
+    print(result.summary())
+    return 1 if result.failures else 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from facemetric.evaluation.compare import compare
+
+    result = compare(
+        [Path(c) for c in args.configs],
+        out_dir=Path(args.out),
+        budget_steps=args.steps,
+        budget_seconds=args.seconds,
+        eval_every=args.eval_every,
+        eval_pairs=None if args.eval_pairs is None else Path(args.eval_pairs),
+        eval_root=None if args.eval_root is None else Path(args.eval_root),
+        max_eval_pairs=args.max_eval_pairs,
+        data_root=None if args.data is None else Path(args.data),
+        seed=args.seed,
+    )
+    print(result.summary())
+    return 0
+
+
+def _cmd_visualize(args: argparse.Namespace) -> int:
+    from facemetric.evaluation.run import visualize_folder
+
+    png, failures = visualize_folder(
+        Path(args.model),
+        Path(args.data),
+        Path(args.out),
+        max_identities=args.max_identities,
+        max_images_per_identity=args.max_images,
+        method=args.method,
+    )
+    print(f"embedding map: {png}")
+    if failures:
+        print(f"  {len(failures)} images could not be loaded and were left out:")
+        for failure in failures:
+            print(f"    {failure.path}: {failure.reason}")
+    return 1 if failures else 0
+
+
+def _add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser("eval", help="verification/identification report of a checkpoint")
+    ev.add_argument("--model", required=True, help="checkpoint_*.pt or a run folder")
+    ev.add_argument("--data", help="aligned images (LFW layout, or CFP's Data/Images layout)")
+    source = ev.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pairs", help="LFW pairs.txt / pairsDevTest.txt")
+    source.add_argument("--cfp", help="CFP root (holds Protocol/); images come from --data")
+    source.add_argument("--bin", help="insightface .bin verification set")
+    source.add_argument("--gallery", help="gallery tree DIR/<identity>/<image> (with --probe)")
+    ev.add_argument("--probe", help="probe tree DIR/<identity>/<image> (with --gallery)")
+    ev.add_argument("--protocol", choices=("FF", "FP"), default="FP", help="CFP protocol")
+    ev.add_argument("--out", default="runs/eval", help="report folder")
+    ev.add_argument("--no-flip", action="store_true", help="no flip test (mirror sum)")
+    ev.add_argument("--folds", type=int, default=10, help="interleaved folds (View 1, gallery)")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    ev.add_argument("--workers", type=int, default=1, help="image-decoding threads")
+    ev.set_defaults(func=_cmd_eval)
+
+    cmp = sub.add_parser("compare", help="train configs on one budget and plot convergence")
+    cmp.add_argument("--configs", nargs="+", required=True, help="experiment files")
+    cmp.add_argument("--out", default="runs/compare", help="output folder")
+    cmp.add_argument("--steps", type=int, help="step budget (replaces max_steps)")
+    cmp.add_argument("--seconds", type=float, help="training-time budget per run")
+    cmp.add_argument("--eval-every", type=int, default=100, help="held-out check interval")
+    cmp.add_argument("--eval-pairs", help="LFW-format held-out pairs (e.g. pairsDevTest.txt)")
+    cmp.add_argument("--eval-root", help="aligned images the held-out pairs name")
+    cmp.add_argument("--max-eval-pairs", type=int, help="pairs checked while training")
+    cmp.add_argument("--data", help="override every config's [data] root")
+    cmp.add_argument("--seed", type=int, default=0)
+    cmp.set_defaults(func=_cmd_compare)
+
+    vis = sub.add_parser("visualize", help="2-D map of a folder's embeddings")
+    vis.add_argument("--model", required=True, help="checkpoint_*.pt or a run folder")
+    vis.add_argument("--data", required=True, help="tree DIR/<identity>/<image>")
+    vis.add_argument("--max-identities", type=int, default=20,
+                     help="the identities with the most images")
+    vis.add_argument("--max-images", type=int, help="images per identity")
+    vis.add_argument("--method", choices=("auto", "umap", "tsne", "pca"), default="auto")
+    vis.add_argument("--out", default="runs/visualize/embeddings.png", help="PNG path")
+    vis.set_defaults(func=_cmd_visualize)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="facemetric", description="Face recognition by deep metric learning."
@@ -41,7 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="short end-to-end training run on real faces")
     demo.add_argument("--data", required=True, help="data root (holds orl/, lfw/, cfp/)")
     demo.add_argument("--out", default="runs/demo", help="output folder (plots, logs)")
+    demo.add_argument("--cache", default="cache", help="aligned faces, reused across runs")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default 400)")
     demo.set_defaults(func=_cmd_demo)
+
+    train = sub.add_parser("train", help="train a face-embedding model from a TOML config")
+    train.add_argument("--config", required=True, help="experiment file (see configs/)")
+    train.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint in output_dir"
+    )
+    train.set_defaults(func=_cmd_train)
 
     align = sub.add_parser("align", help="detect, 5-point align and crop a folder to 112×112")
     align.add_argument("src", help="input tree: SRC/<identity>/<image>")
@@ -51,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fallback", action="store_true", help="centre-crop images where no face is found"
     )
     align.set_defaults(func=_cmd_align)
+    _add_evaluation_commands(sub)
     return parser
 
 

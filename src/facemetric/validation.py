@@ -28,7 +28,11 @@ def check_embeddings(embeddings: Tensor, labels: Tensor | None = None) -> None:
         raise ValueError(f"embeddings are empty (shape {tuple(embeddings.shape)})")
     if not embeddings.is_floating_point():
         raise ValueError(f"embeddings must be floating point, got {embeddings.dtype}")
-    if not bool(torch.isfinite(embeddings).all()):
+    # A finite sum implies finite entries (one reduction instead of four elementwise passes);
+    # only a non-finite sum (NaN/Inf inside, or overflow of the sum) needs the exact check.
+    if not bool(torch.isfinite(embeddings.detach().sum())) and not bool(
+        torch.isfinite(embeddings).all()
+    ):
         bad = int((~torch.isfinite(embeddings)).any(dim=1).sum())
         raise ValueError(
             f"embeddings contain NaN or Inf in {bad} of {embeddings.shape[0]} rows; "
@@ -36,6 +40,19 @@ def check_embeddings(embeddings: Tensor, labels: Tensor | None = None) -> None:
         )
     if labels is not None:
         check_labels(labels, embeddings.shape[0])
+
+
+def check_classifier_input(
+    embeddings: Tensor, labels: Tensor, embedding_size: int, num_classes: int, owner: str
+) -> None:
+    """:func:`check_embeddings` plus the classifier's embedding size and label range."""
+    check_embeddings(embeddings, labels)
+    if embeddings.shape[1] != embedding_size:
+        raise ValueError(
+            f"{owner} was built for embedding_size={embedding_size}, got embeddings of size "
+            f"{embeddings.shape[1]}"
+        )
+    check_labels(labels, embeddings.shape[0], num_classes)
 
 
 def check_labels(labels: Tensor, batch_size: int, num_classes: int | None = None) -> None:

@@ -99,3 +99,17 @@ def test_eval_mode_is_deterministic_and_per_sample():
         a, b, single = model(x), model(x), model(x[2:3])
     assert torch.equal(a, b)
     torch.testing.assert_close(single, a[2:3], rtol=1e-4, atol=1e-4)
+
+
+def test_smaller_input_size_shrinks_only_the_global_depthwise_conv():
+    small = build_model("mobilefacenet", embedding_size=128, input_size=64).eval()
+    full = build_model("mobilefacenet", embedding_size=128).eval()
+    assert small(torch.randn(2, 3, 64, 64)).shape == (2, 128)
+    n_small = sum(p.numel() for p in small.parameters())
+    n_full = sum(p.numel() for p in full.parameters())
+    # the 512-channel depthwise GDC kernel goes from 7×7 to 4×4: 512·(49 − 16) weights fewer
+    assert n_full - n_small == 512 * (49 - 16)
+    with pytest.raises(ValueError, match="must be 64×64"):
+        small(torch.randn(1, 3, 112, 112))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        build_model("mobilefacenet", input_size=100)

@@ -157,13 +157,18 @@ class PKSampler(Sampler[list[int]]):
             yield batch
 
     def _draw(self, images: Tensor, gen: torch.Generator) -> list[int]:
-        """``k`` of an identity's indices: distinct when it has ``k``, else all plus repeats."""
-        count = images.numel()
-        picked = images[torch.randperm(count, generator=gen)[: self.k]]
-        if count < self.k:
-            again = images[torch.randint(count, (self.k - count,), generator=gen)]
-            picked = torch.cat([picked, again])
-        return picked.tolist()
+        return draw_images(images, self.k, gen)
 
 
-__all__ = ["PKSampler"]
+def draw_images(images: Tensor, k: int, gen: torch.Generator) -> list[int]:
+    """``k`` of an identity's indices ``images``: distinct when it has ``k`` or more, else
+    all of them plus random repeats."""
+    count = images.numel()
+    picked = images[torch.randperm(count, generator=gen)[:k]]
+    if count < k:
+        again = images[torch.randint(count, (k - count,), generator=gen)]
+        picked = torch.cat([picked, again])
+    return picked.tolist()
+
+
+__all__ = ["PKSampler", "draw_images"]

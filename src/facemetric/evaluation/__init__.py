@@ -21,6 +21,8 @@ from facemetric.evaluation.clustering import (
     pairwise_scores,
     threshold_clustering,
 )
+from facemetric.evaluation.compare import CompareResult, compare
+from facemetric.evaluation.embed import Embedder, PairEmbeddings, load_embedder
 from facemetric.evaluation.identification import (
     CMCCurve,
     GalleryProbeSplit,
@@ -39,6 +41,7 @@ from facemetric.evaluation.protocols import (
 )
 from facemetric.evaluation.report import ReportFiles, comparison_table, write_verification_report
 from facemetric.evaluation.retrieval import RetrievalReport, retrieval_metrics
+from facemetric.evaluation.run import EvalResult, evaluate, visualize_folder
 from facemetric.evaluation.verification import (
     KFoldAccuracy,
     RocCurve,
@@ -62,11 +65,15 @@ from facemetric.evaluation.visualize import (
 __all__ = [
     "CMCCurve",
     "ClusteringReport",
+    "CompareResult",
+    "Embedder",
     "EmbeddingProjection",
+    "EvalResult",
     "GalleryProbeSplit",
     "KFoldAccuracy",
     "KMeansResult",
     "OpenSetResult",
+    "PairEmbeddings",
     "PairList",
     "PrecisionRecallF",
     "ReportFiles",
@@ -79,13 +86,16 @@ __all__ = [
     "bcubed_scores",
     "clustering_report",
     "cmc_curve",
+    "compare",
     "comparison_table",
     "cosine_pair_scores",
     "embedding_map",
     "equal_error_rate",
+    "evaluate",
     "interleaved_folds",
     "kfold_accuracy",
     "kmeans",
+    "load_embedder",
     "load_verification_bin",
     "normalized_mutual_info",
     "open_set_identification",
@@ -104,5 +114,6 @@ __all__ = [
     "tar_at_far",
     "threshold_clustering",
     "verification_report",
+    "visualize_folder",
     "write_verification_report",
 ]

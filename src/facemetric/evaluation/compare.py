@@ -1,0 +1,518 @@
+"""``facemetric compare``: several training configurations, one budget, side by side.
+
+``compare([a.toml, b.toml, ...], out_dir=..., budget_steps=N)`` trains each configuration
+under the same conditions and plots how they converge:
+
+- **same data**: one dataset is built (and its images verified) once, from the first
+  configuration's ``[data]`` section, and given to every run; the runs' ``[data]`` sections
+  (root, people file, folds, image size, minimum images) must agree (``data_root``
+  overrides the root of all of them);
+- **same seed** (``seed`` replaces each file's): with equal ``[batch]`` settings the runs
+  see the same batches in the same order with the same augmentation, because the loop's
+  sampler and augmentation seeds are functions of ``(seed, epoch, batch)`` only. With
+  ``[data] num_workers = 0`` each run records a SHA-256 of the sample indices it read, in
+  order (``RunResult.data_order``), so the table shows whether the order really matched;
+- **same budget**: ``budget_steps`` replaces ``[train] max_steps``; ``budget_seconds``
+  stops a run once its *training* time reaches it — whichever comes first. Training time
+  excludes the held-out checks and starts at the first sample read (the loop's setup is not
+  training; with ``num_workers > 0`` the read is not visible, and the setup counts). A run
+  stopped by time keeps no final checkpoint (only the model in memory, which the final
+  evaluation uses);
+- **held-out verification while training**: given ``eval_pairs`` (an LFW-format pairs file)
+  and ``eval_root`` (aligned images), every ``eval_every`` steps — and at step 0 and at the
+  end — an ``on_step`` hook embeds the pairs' distinct images with the current model in
+  eval mode (no flip test, for speed) and records the k-fold accuracy; the model goes back
+  to training mode afterwards. Images are decoded once, up front. ``max_eval_pairs`` keeps
+  an evenly spaced subset for these checks (both classes of a ``pairsDev*`` file, which
+  lists matched pairs first) in interleaved folds. The final metrics use every pair, with
+  the flip test.
+
+Written to ``out_dir``: ``convergence.png`` (2×2 panels: training loss and held-out
+accuracy against steps and against training wall time; the loss drawn as a running mean),
+``comparison.md`` (the table: accuracy ± std, AUC, EER, TAR@FAR=1e-3, steps, wall time,
+img/s, final loss, data-order digest) and ``metrics.json`` (every curve and number); each
+run's own training output (checkpoint, ``log.csv``, ``loss_curve.png``) in
+``out_dir/<config name>/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from facemetric.evaluation.embed import Embedder
+from facemetric.evaluation.plots import _new_figure, _save_figure
+from facemetric.evaluation.protocols import PairList, read_lfw_pairs
+from facemetric.evaluation.report import (
+    _accuracy_text,
+    _json_safe,
+    _pct,
+    _table,
+    _tar_text,
+    _write_text_atomic,
+    comparison_table,
+)
+from facemetric.evaluation.run import _with_existing
+from facemetric.evaluation.verification import VerificationReport, verification_report
+from facemetric.training.builders import build_loss, build_model, is_classifier_loss
+from facemetric.training.checkpoint import latest_checkpoint
+from facemetric.training.config import TrainConfig, load_config
+from facemetric.training.loop import DistributedContext, StepInfo, build_dataset, seed_everything
+from facemetric.training.loop import train as train_run
+
+logger = logging.getLogger(__name__)
+
+#: ``[data]`` fields that must agree between the compared configurations.
+_DATA_FIELDS = ("root", "people_file", "folds", "image_size", "min_images")
+_TABLE_FAR = 1e-3
+_NO_PERIODIC_CHECKPOINTS = 10**12
+
+
+class _BudgetReachedError(Exception):
+    """Raised from the ``on_step`` hook to end a run at its wall-time budget."""
+
+
+class _OrderRecorder(Dataset):
+    """``base`` unchanged, hashing every index read (in this process) in order; also notes
+    when the first item was read (the end of the loop's setup)."""
+
+    def __init__(self, base: Any) -> None:
+        self.base = base
+        self.targets = getattr(base, "targets", None)
+        self.num_classes = getattr(base, "num_classes", None)
+        self.digest = hashlib.sha256()
+        self.count = 0
+        self.first_read: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> Any:
+        if self.first_read is None:
+            self.first_read = time.perf_counter()
+        self.digest.update(int(index).to_bytes(8, "little", signed=True))
+        self.count += 1
+        return self.base[index]
+
+
+@dataclass
+class RunResult:
+    """One configuration's run: its curves and final numbers.
+
+    ``step_wall[i]`` is the training time (seconds, evaluation excluded) when step ``i + 1``
+    ended; ``eval_steps``/``eval_wall``/``eval_accuracy`` are the held-out checks (step 0 =
+    the initial model). ``final`` is the full held-out report (``None`` without eval pairs).
+    ``stopped_by`` is ``"steps"`` (the budget or the config's length) or ``"time"``.
+    """
+
+    name: str
+    config_path: Path
+    output_dir: Path
+    loss_name: str
+    steps: int
+    losses: list[float]
+    step_wall: list[float]
+    eval_steps: list[int] = field(default_factory=list)
+    eval_wall: list[float] = field(default_factory=list)
+    eval_accuracy: list[float] = field(default_factory=list)
+    final: VerificationReport | None = None
+    wall_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    images_per_second: float = 0.0
+    stopped_by: str = "steps"
+    data_order: str | None = None
+    checkpoint: Path | None = None
+
+    @property
+    def final_loss(self) -> float:
+        """Mean loss over the last 10% of the steps (at least one)."""
+        if not self.losses:
+            return math.nan
+        k = max(1, len(self.losses) // 10)
+        return float(np.mean(self.losses[-k:]))
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    """The runs and the files written."""
+
+    runs: tuple[RunResult, ...]
+    plot: Path
+    table: Path
+    metrics_json: Path
+    table_text: str
+
+    def summary(self) -> str:
+        return f"{self.table_text}\nplot: {self.plot}\ntable: {self.table}"
+
+
+@dataclass(frozen=True)
+class _HeldOut:
+    """Decoded held-out images and the pairs over them (full set and monitoring subset)."""
+
+    images: list[np.ndarray]
+    ok: np.ndarray
+    index_a: np.ndarray
+    index_b: np.ndarray
+    is_same: np.ndarray
+    fold: np.ndarray
+    monitor: np.ndarray  # pair indices used while training
+    monitor_folds: np.ndarray
+    failures: int
+
+
+def _names(paths: Sequence[Path]) -> list[str]:
+    names: list[str] = []
+    for p in paths:
+        base, k = p.stem, 2
+        name = base
+        while name in names:
+            name, k = f"{base}_{k}", k + 1
+        names.append(name)
+    return names
+
+
+def _check_same_data(configs: list[TrainConfig], names: list[str]) -> None:
+    first = configs[0].data
+    for name, cfg in zip(names[1:], configs[1:], strict=True):
+        diff = [f for f in _DATA_FIELDS if getattr(cfg.data, f) != getattr(first, f)]
+        if diff:
+            detail = ", ".join(
+                f"{f}: {getattr(first, f)!r} vs {getattr(cfg.data, f)!r}" for f in diff
+            )
+            raise ValueError(
+                f"configs {names[0]!r} and {name!r} train on different data ({detail}); "
+                "compared runs must share [data]"
+            )
+
+
+def _load_held_out(
+    pairs_file: Path, root: Path, folds: int, max_pairs: int | None
+) -> _HeldOut:
+    """Decode the pairs' distinct images once (each model resizes them to its own size)."""
+    from facemetric.data.images import ImageLoadError, load_image
+
+    pairs: PairList = _with_existing(read_lfw_pairs(pairs_file, root, folds))
+    paths, index_a, index_b = pairs.unique_images()
+    images: list[np.ndarray] = []
+    ok = np.ones(len(paths), dtype=bool)
+    for i, path in enumerate(paths):
+        try:
+            images.append(load_image(path))
+        except ImageLoadError as err:
+            logger.warning("held-out image %s left out: %s", err.path, err.reason)
+            ok[i] = False
+    usable = ok[index_a] & ok[index_b]
+    if not usable.any():
+        raise ValueError(f"no pair of {pairs_file} has both images loadable under {root}")
+    kept = np.flatnonzero(usable)
+    if max_pairs is not None and max_pairs < kept.shape[0]:
+        if max_pairs < 2 * folds:
+            raise ValueError(f"max_eval_pairs must be at least {2 * folds} for {folds} folds")
+        monitor = kept[np.unique(np.linspace(0, kept.shape[0] - 1, max_pairs).round()
+                                 .astype(np.int64))]
+        monitor_folds = np.arange(monitor.shape[0], dtype=np.int64) % folds
+    else:
+        monitor, monitor_folds = kept, pairs.fold[kept]
+    return _HeldOut(images, ok, index_a, index_b, pairs.is_same, pairs.fold, monitor,
+                    monitor_folds, int((~ok).sum()))
+
+
+def _held_out_scores(embedder: Embedder, held: _HeldOut, flip: bool) -> np.ndarray:
+    emb = np.full((held.ok.shape[0], 1), np.nan)
+    good = embedder.embed_arrays(held.images, flip=flip) if held.images else None
+    if good is not None:
+        emb = np.full((held.ok.shape[0], good.shape[1]), np.nan)
+        emb[held.ok] = good
+    return np.einsum("ij,ij->i", emb[held.index_a], emb[held.index_b])
+
+
+def _monitor_accuracy(embedder: Embedder, held: _HeldOut) -> float:
+    scores = _held_out_scores(embedder, held, flip=False)[held.monitor]
+    return verification_report(scores, held.is_same[held.monitor], held.monitor_folds,
+                               far_targets=()).accuracy
+
+
+def _final_report(embedder: Embedder, held: _HeldOut) -> VerificationReport:
+    scores = _held_out_scores(embedder, held, flip=True)
+    valid = np.isfinite(scores)
+    return verification_report(scores[valid], held.is_same[valid], held.fold[valid])
+
+
+def _run_one(
+    name: str,
+    config_path: Path,
+    config: TrainConfig,
+    dataset: Any,
+    held: _HeldOut | None,
+    *,
+    budget_seconds: float | None,
+    eval_every: int,
+    progress: bool,
+) -> RunResult:
+    recorder = _OrderRecorder(dataset)
+    num_classes = int(getattr(dataset, "num_classes", int(np.max(dataset.targets)) + 1))
+    # Exactly what train() does before its first step, so the initial weights are the ones
+    # a plain ``facemetric train`` would start from; kept here to evaluate and to survive
+    # a wall-time stop.
+    seed_everything(config.seed)
+    model = build_model(config.model)
+    loss = build_loss(config.loss, num_classes, config.model.embedding_size)
+    device = DistributedContext().device(config.train.device)
+    embedder = Embedder(model, config.data.image_size, device=device)
+    result = RunResult(name, config_path, Path(config.output_dir), config.loss.name, 0, [], [])
+    clock = {"start": 0.0, "eval": 0.0}
+
+    def check(step: int, train_time: float) -> None:
+        if held is None:
+            return
+        t = time.perf_counter()
+        result.eval_accuracy.append(_monitor_accuracy(embedder, held))
+        result.eval_steps.append(step)
+        result.eval_wall.append(train_time)
+        clock["eval"] += time.perf_counter() - t
+
+    def on_step(info: StepInfo) -> None:
+        # Training time runs from the first sample read (the loop's one-off setup — building
+        # the optimiser, writing config.json — is not training) when that is seen in this
+        # process (num_workers = 0), else from the call to train().
+        start = recorder.first_read if recorder.first_read is not None else clock["start"]
+        train_time = time.perf_counter() - start - clock["eval"]
+        result.losses.append(info.loss)
+        result.step_wall.append(train_time)
+        result.steps = info.step
+        if info.step % eval_every == 0:
+            check(info.step, train_time)
+        if budget_seconds is not None and train_time >= budget_seconds:
+            raise _BudgetReachedError
+
+    check(0, 0.0)
+    initial_eval, clock["eval"] = clock["eval"], 0.0  # before the clock starts
+    clock["start"] = time.perf_counter()
+    try:
+        trained = train_run(config, dataset=recorder, model=model, loss=loss, on_step=on_step,
+                            progress=progress)
+        result.checkpoint = trained.checkpoint
+    except _BudgetReachedError:
+        result.stopped_by = "time"
+        result.checkpoint = latest_checkpoint(config.output_dir)
+    result.wall_seconds = result.step_wall[-1] if result.step_wall else 0.0
+    if held is not None and (not result.eval_steps or result.eval_steps[-1] != result.steps):
+        check(result.steps, result.wall_seconds)
+    result.eval_seconds = initial_eval + clock["eval"]
+    batch = config.batch.effective_size
+    result.images_per_second = result.steps * batch / max(result.wall_seconds, 1e-9)
+    if config.data.num_workers == 0:
+        result.data_order = f"{recorder.digest.hexdigest()[:16]} ({recorder.count} reads)"
+    if held is not None:
+        t = time.perf_counter()
+        result.final = _final_report(embedder, held)
+        result.eval_seconds += time.perf_counter() - t
+    return result
+
+
+def _smooth(values: np.ndarray) -> np.ndarray:
+    window = max(1, values.shape[0] // 50)
+    if window == 1:
+        return values
+    padded = np.r_[np.full(window - 1, values[0]), values]
+    return np.convolve(padded, np.ones(window) / window, mode="valid")
+
+
+def plot_convergence(runs: Sequence[RunResult], path: str | os.PathLike[str],
+                     title: str = "Convergence") -> Path:
+    """2×2 panels: training loss (running mean; log scale when every loss is positive) and
+    held-out accuracy against steps and against training wall time, one line per run;
+    written atomically as PNG."""
+    fig = _new_figure(12.0, 8.5)
+    axes = fig.subplots(2, 2)
+    for run in runs:
+        steps = np.arange(1, len(run.losses) + 1)
+        loss = _smooth(np.asarray(run.losses, dtype=np.float64)) if run.losses else np.array([])
+        label = f"{run.name} ({run.loss_name})"
+        (line,) = axes[0, 0].plot(steps, loss, label=label)
+        color = line.get_color()
+        axes[0, 1].plot(run.step_wall, loss, color=color, label=label)
+        if run.eval_steps:
+            acc = 100.0 * np.asarray(run.eval_accuracy)
+            axes[1, 0].plot(run.eval_steps, acc, "o-", color=color, ms=3, label=label)
+            axes[1, 1].plot(run.eval_wall, acc, "o-", color=color, ms=3, label=label)
+    labels = (("step", "training loss (running mean)"), ("training time (s)", "training loss"),
+              ("step", "held-out accuracy (%)"), ("training time (s)", "held-out accuracy (%)"))
+    all_losses = [v for r in runs for v in r.losses]
+    if all_losses and min(all_losses) > 0:  # losses of different families differ in scale
+        for ax in axes[0]:
+            ax.set_yscale("log")
+    for ax, (xlabel, ylabel) in zip(axes.flat, labels, strict=True):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "no held-out pairs given", ha="center", va="center",
+                    transform=ax.transAxes)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save_figure(fig, path, title)
+
+
+def _markdown(runs: Sequence[RunResult], header: list[str]) -> str:
+    rows = []
+    for r in runs:
+        f = r.final
+        rows.append([
+            r.name, r.loss_name, str(r.steps), r.stopped_by,
+            f"{r.final_loss:.4f}",
+            "—" if f is None else _accuracy_text(f),
+            "—" if f is None else f"{f.auc:.5f}",
+            "—" if f is None else _pct(f.eer),
+            "—" if f is None else _tar_text(f, _TABLE_FAR),
+            f"{r.wall_seconds:.1f} s", f"{r.images_per_second:.1f}",
+            r.data_order or "— (workers)",
+        ])
+    cols = ["run", "loss", "steps", "stopped by", "final loss", "accuracy", "AUC", "EER",
+            "TAR@FAR=1e-3", "train time", "img/s", "data order"]
+    lines = [*header, "", *_table(cols, rows)]
+    finals = {r.name: r.final for r in runs if r.final is not None}
+    if finals:
+        lines += ["", "## All verification metrics", "", comparison_table(finals).rstrip()]
+    lines += ["", "![convergence](convergence.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def _metrics(runs: Sequence[RunResult], settings: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"settings": settings, "runs": []}
+    for r in runs:
+        f = r.final
+        out["runs"].append({
+            "name": r.name, "config": r.config_path, "output_dir": r.output_dir,
+            "loss": r.loss_name, "steps": r.steps, "stopped_by": r.stopped_by,
+            "wall_seconds": r.wall_seconds, "eval_seconds": r.eval_seconds,
+            "images_per_second": r.images_per_second, "final_loss": r.final_loss,
+            "data_order": r.data_order, "checkpoint": r.checkpoint,
+            "losses": r.losses, "step_wall": r.step_wall,
+            "eval": {"steps": r.eval_steps, "wall": r.eval_wall, "accuracy": r.eval_accuracy},
+            "final": None if f is None else {
+                "accuracy": f.accuracy, "accuracy_std": f.accuracy_std, "auc": f.auc,
+                "eer": f.eer, "tar_at_far": f.tar_at_far,
+                "num_pairs": f.num_positives + f.num_negatives,
+            },
+        })
+    return _json_safe(out, "metrics")
+
+
+def compare(
+    configs: Sequence[str | os.PathLike[str]],
+    *,
+    out_dir: str | os.PathLike[str],
+    budget_steps: int | None = None,
+    budget_seconds: float | None = None,
+    eval_every: int = 100,
+    eval_pairs: str | os.PathLike[str] | None = None,
+    eval_root: str | os.PathLike[str] | None = None,
+    max_eval_pairs: int | None = None,
+    eval_folds: int = 10,
+    data_root: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> CompareResult:
+    """Train every configuration under one budget and seed; plot and tabulate (module doc).
+
+    Raises:
+        ValueError: fewer than one config, no budget, configs on different data, a pair loss
+            without P×K batches, eval pairs without their image root, bad numbers.
+        FileExistsError: a run's folder ``out_dir/<name>`` already holds checkpoints.
+    """
+    if not configs:
+        raise ValueError("give at least one configuration")
+    if budget_steps is None and budget_seconds is None:
+        raise ValueError("give budget_steps and/or budget_seconds: the runs must share a budget")
+    if budget_steps is not None and budget_steps < 1:
+        raise ValueError(f"budget_steps must be >= 1, got {budget_steps}")
+    if budget_seconds is not None and not budget_seconds > 0:
+        raise ValueError(f"budget_seconds must be > 0, got {budget_seconds}")
+    if eval_every < 1:
+        raise ValueError(f"eval_every must be >= 1, got {eval_every}")
+    if (eval_pairs is None) != (eval_root is None):
+        raise ValueError("eval_pairs and eval_root go together (pairs file + aligned images)")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    out = Path(out_dir)
+    paths = [Path(c) for c in configs]
+    names = _names(paths)
+    loaded = [load_config(p) for p in paths]
+    for name, cfg in zip(names, loaded, strict=True):
+        cfg.seed = seed
+        cfg.output_dir = out / name
+        if data_root is not None:
+            cfg.data.root = Path(data_root)
+        if budget_steps is not None:
+            cfg.train.max_steps = budget_steps
+        cfg.train.checkpoint_every = _NO_PERIODIC_CHECKPOINTS  # saving is not training
+        if cfg.batch.p is None and not is_classifier_loss(cfg.loss):
+            raise ValueError(f"{name}: the pair loss {cfg.loss.name!r} needs [batch] p and k")
+    _check_same_data(loaded, names)
+
+    first = loaded[0]
+    dataset = build_dataset(first)
+    if first.data.verify:
+        failures = dataset.verify(workers=max(1, first.data.num_workers))
+        if failures:
+            logger.warning("dropped %d unreadable training image(s), e.g. %s", len(failures),
+                           failures[0].path)
+    for cfg in loaded:
+        cfg.data.verify = False  # verified once above, for every run
+    held = None
+    if eval_pairs is not None and eval_root is not None:
+        held = _load_held_out(Path(eval_pairs), Path(eval_root), eval_folds, max_eval_pairs)
+
+    runs: list[RunResult] = []
+    for name, path, cfg in zip(names, paths, loaded, strict=True):
+        logger.info("compare: training %s (%s)", name, cfg.loss.name)
+        runs.append(_run_one(name, path, cfg, dataset, held, budget_seconds=budget_seconds,
+                             eval_every=eval_every, progress=progress))
+
+    budget = " and ".join(
+        b for b in (f"{budget_steps} steps" if budget_steps else "",
+                    f"{budget_seconds:g} s of training" if budget_seconds else "") if b
+    )
+    held_text = "no held-out pairs" if held is None else (
+        f"held-out pairs {eval_pairs} ({held.is_same.shape[0]} pairs, {held.failures} "
+        f"unloadable images; {held.monitor.shape[0]} pairs checked every {eval_every} steps "
+        "without flip test, final metrics on all with flip test)"
+    )
+    header = [
+        "# Loss comparison", "",
+        f"Budget {budget}, seed {seed}, data {first.data.root} ({len(dataset)} images, "
+        f"{dataset.num_classes} identities); {held_text}. Train time excludes evaluation; "
+        "final loss is the mean of the last 10% of steps; runs with equal data-order "
+        "digests read the same samples in the same order.",
+    ]
+    text = _markdown(runs, header)
+    plot = plot_convergence(runs, out / "convergence.png",
+                            title=f"Convergence ({budget}, seed {seed})")
+    settings = {
+        "budget_steps": budget_steps, "budget_seconds": budget_seconds, "seed": seed,
+        "eval_every": eval_every, "eval_pairs": eval_pairs, "eval_root": eval_root,
+        "max_eval_pairs": max_eval_pairs, "data_root": first.data.root,
+        "num_images": len(dataset), "num_identities": dataset.num_classes,
+    }
+    metrics_text = json.dumps(_metrics(runs, settings), indent=2, allow_nan=False)
+    metrics_json = _write_text_atomic(out / "metrics.json", metrics_text + "\n")
+    table = _write_text_atomic(out / "comparison.md", text)
+    return CompareResult(tuple(runs), plot, table, metrics_json, text)
+
+
+__all__ = ["CompareResult", "RunResult", "compare", "plot_convergence"]

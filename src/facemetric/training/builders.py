@@ -1,0 +1,362 @@
+"""Registries from config names to objects: losses, miners, distances, models, optimizers,
+schedules.
+
+Losses, miners and distances are discovered from what ``facemetric.losses``,
+``facemetric.miners`` and ``facemetric.distances`` export, so a new loss is usable from a
+config as soon as it is exported. A name matches a class when they agree after lower-casing,
+dropping ``_``/``-`` and the class's ``Loss``/``Miner``/``Distance`` suffix:
+``"arcface"`` → ``ArcFaceLoss``, ``"multi_similarity"`` → ``MultiSimilarityLoss``,
+``"batch_hard"`` → ``BatchHardMiner``. :func:`register_loss` adds a name by hand.
+
+A loss whose constructor takes ``num_classes`` is a *classifier* loss (it owns ``.weight``,
+the class centres): it receives ``num_classes`` and ``embedding_size`` and trains on
+shuffled batches. Any other loss is a *pair* loss and needs P×K batches.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from facemetric.training.config import (
+    LossConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ScheduleConfig,
+)
+
+logger = logging.getLogger(__name__)
+
+#: abstract bases that are exported but cannot be built from a config
+_NOT_BUILDABLE = {"TupleLoss", "ClassifierLoss", "NormalizedClassifierLoss", "Miner", "Distance"}
+
+
+def _key(name: str, suffix: str = "") -> str:
+    key = name.lower().replace("_", "").replace("-", "")
+    suffix = suffix.lower()
+    return key[: -len(suffix)] if suffix and key.endswith(suffix) and key != suffix else key
+
+
+@dataclass(frozen=True)
+class LossEntry:
+    """A buildable loss: its factory and whether it is a classifier loss."""
+
+    name: str
+    factory: Callable[..., nn.Module]
+    classifier: bool
+
+
+_EXTRA_LOSSES: dict[str, LossEntry] = {}
+
+
+def _exported(module: Any, base: type, suffix: str) -> dict[str, type]:
+    found: dict[str, type] = {}
+    for attr in getattr(module, "__all__", dir(module)):
+        obj = getattr(module, attr, None)
+        if (
+            isinstance(obj, type)
+            and issubclass(obj, base)
+            and obj.__name__ not in _NOT_BUILDABLE
+            and not inspect.isabstract(obj)
+        ):
+            found[_key(obj.__name__, suffix)] = obj
+    return found
+
+
+def _takes(factory: Callable[..., Any], name: str) -> bool:
+    try:
+        return name in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def register_loss(name: str, factory: Callable[..., nn.Module], classifier: bool) -> None:
+    """Make ``name`` buildable by :func:`build_loss` (overrides a discovered loss).
+
+    A classifier ``factory`` is called as ``factory(num_classes=..., embedding_size=...,
+    **params)``; a pair-loss factory as ``factory(**params)`` (plus ``miner=``/``distance=``
+    when the config names them).
+    """
+    _EXTRA_LOSSES[_key(name, "loss")] = LossEntry(name, factory, classifier)
+
+
+#: modules whose exported ``*Loss`` classes a config can name
+LOSS_MODULES = ("facemetric.losses", "facemetric.losses.pair", "facemetric.losses.classifier")
+
+
+def available_losses() -> dict[str, LossEntry]:
+    """Every loss a config can name (normalised name → entry)."""
+    out: dict[str, LossEntry] = {}
+    for name in LOSS_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as err:  # a package still being written must not break the rest
+            logger.debug("cannot import %s: %s", name, err)
+            continue
+        for key, cls in _exported(module, nn.Module, "loss").items():
+            if cls.__name__.endswith("Loss"):
+                out.setdefault(key, LossEntry(cls.__name__, cls, _takes(cls, "num_classes")))
+    out.update(_EXTRA_LOSSES)
+    return out
+
+
+def loss_entry(name: str) -> LossEntry:
+    """The entry for a config's loss name; ``ValueError`` listing the choices if unknown."""
+    table = available_losses()
+    entry = table.get(_key(name, "loss"))
+    if entry is None:
+        raise ValueError(f"unknown loss {name!r}; available: {sorted(table)}")
+    return entry
+
+
+def available_miners() -> dict[str, type]:
+    """Miner classes by normalised name (``batchhard`` for ``BatchHardMiner`` ...)."""
+    import facemetric.miners as miners_pkg
+
+    found = _exported(miners_pkg, object, "miner")
+    return {k: v for k, v in found.items() if v.__name__.endswith("Miner")}
+
+
+def available_distances() -> dict[str, type]:
+    """Distance classes by normalised name (``cosine``, ``euclidean``, ``squaredeuclidean``)."""
+    import facemetric.distances as distances_mod
+
+    return {
+        k: v
+        for k, v in _exported(distances_mod, nn.Module, "distance").items()
+        if v.__name__.endswith("Distance")
+    }
+
+
+def _call_checked(
+    factory: Callable[..., Any], params: dict[str, Any], what: str, reserved: Iterable[str]
+) -> Any:
+    """``factory(**params)`` after checking the names against its signature."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        signature = None
+    if signature is not None and not any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()
+    ):
+        accepted = [n for n in signature.parameters if n not in {"self", *reserved}]
+        unknown = sorted(set(params) - set(signature.parameters) - {"self"})
+        if unknown:
+            raise ValueError(f"{what}: unknown parameter(s) {unknown}; valid: {sorted(accepted)}")
+    try:
+        return factory(**params)
+    except TypeError as err:
+        raise ValueError(f"{what}: {err}") from err
+
+
+def build_distance(name: str, embedding_size: int, params: dict[str, Any] | None = None) -> Any:
+    """A distance by name; ``MahalanobisDistance`` gets ``dim=embedding_size``."""
+    table = available_distances()
+    cls = table.get(_key(name, "distance"))
+    if cls is None:
+        raise ValueError(f"unknown distance {name!r}; available: {sorted(table)}")
+    params = dict(params or {})
+    if _takes(cls, "dim"):
+        params.setdefault("dim", embedding_size)
+    return _call_checked(cls, params, f"distance {name!r}", ())
+
+
+def build_miner(name: str, params: dict[str, Any] | None = None, distance: Any = None) -> Any:
+    """A miner by name (``batch_hard``, ``semi_hard``, ``batch_all`` ...)."""
+    table = available_miners()
+    cls = table.get(_key(name, "miner"))
+    if cls is None:
+        raise ValueError(f"unknown miner {name!r}; available: {sorted(table)}")
+    params = dict(params or {})
+    if distance is not None:
+        params["distance"] = distance
+    return _call_checked(cls, params, f"miner {name!r}", ())
+
+
+def is_classifier_loss(config: LossConfig) -> bool:
+    """Whether the configured loss is a classifier loss (needs ``num_classes``)."""
+    return loss_entry(config.name).classifier
+
+
+def build_loss(config: LossConfig, num_classes: int, embedding_size: int) -> nn.Module:
+    """The configured loss, with its miner and distance.
+
+    Classifier losses receive ``num_classes`` and ``embedding_size``; a miner is only
+    accepted for pair losses. Parameters are checked against the constructor.
+
+    Raises:
+        ValueError: unknown loss/miner/distance, unknown or invalid parameters, or a miner
+            given to a loss that does not take one.
+    """
+    entry = loss_entry(config.name)
+    what = f"loss {config.name!r} ({entry.name})"
+    params = dict(config.params)
+    distance = None
+    if config.distance is not None:
+        if not _takes(entry.factory, "distance"):
+            raise ValueError(f"{what} does not take a distance")
+        distance = build_distance(config.distance, embedding_size)
+        params["distance"] = distance
+    if config.miner is not None:
+        if not _takes(entry.factory, "miner"):
+            raise ValueError(f"{what} does not take a miner")
+        params["miner"] = build_miner(config.miner, config.miner_params, distance)
+    elif config.miner_params:
+        raise ValueError(f"{what}: miner_params given without a miner")
+    reserved: tuple[str, ...] = ()
+    if entry.classifier:
+        params["num_classes"] = num_classes
+        params["embedding_size"] = embedding_size
+        reserved = ("num_classes", "embedding_size")
+        clash = sorted(set(config.params) & set(reserved))
+        if clash:
+            raise ValueError(f"{what}: {clash} are set from the data and the model, not [loss]")
+    loss = _call_checked(entry.factory, params, what, reserved)
+    if not isinstance(loss, nn.Module):
+        raise ValueError(f"{what}: the factory returned {type(loss).__name__}, not a Module")
+    return loss
+
+
+def build_partial_fc(
+    loss: nn.Module, sample_rate: float, *, rank: int = 0, world_size: int = 1, seed: int = 0
+) -> nn.Module:
+    """``PartialFC.from_loss``: the built classifier loss's margin, scale and centres (this
+    rank's shard when ``world_size > 1``), sampling ``sample_rate`` of the centres per step.
+
+    Raises:
+        ValueError: the loss is not a normalised-centre classifier loss with a constant scale
+            and one centre per class.
+    """
+    from facemetric.heads import PartialFC
+
+    try:
+        return PartialFC.from_loss(
+            loss, sample_rate, rank=rank, world_size=world_size, seed=seed  # type: ignore[arg-type]
+        )
+    except ValueError as err:
+        raise ValueError(f"[partial_fc]: {err}") from err
+
+
+def check_loss_config(config: LossConfig, embedding_size: int) -> None:
+    """Build the loss once on a dummy problem (2 classes) to validate names and params."""
+    build_loss(config, num_classes=2, embedding_size=embedding_size)
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The backbone: ``facemetric.models.build_model(name, embedding_size, **options)``,
+    or ``small_cnn`` (``facemetric.demo.SmallFaceCNN``, 3 channels, any input size >= 8)."""
+    if _key(config.name) == "smallcnn":
+        from facemetric.demo import SmallFaceCNN
+
+        options = {"in_channels": 3, **config.options}
+        factory = functools.partial(SmallFaceCNN, embedding_size=config.embedding_size)
+        return _call_checked(factory, options, "model 'small_cnn'", ("embedding_size",))
+    from facemetric.models import build_model as build_backbone
+
+    try:
+        return build_backbone(config.name, config.embedding_size, **config.options)
+    except TypeError as err:
+        raise ValueError(f"model {config.name!r}: {err}") from err
+
+
+def parameter_groups(
+    modules: Iterable[nn.Module], weight_decay: float, decay_all: bool = False
+) -> list[dict[str, Any]]:
+    """Trainable parameters of ``modules`` (each once) in two groups: with weight decay
+    (tensors of 2+ dims) and without (biases, norm scales), unless ``decay_all``."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for module in modules:
+        for p in module.parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (decay if decay_all or p.dim() > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(config: OptimizerConfig, modules: Iterable[nn.Module]) -> torch.optim.Optimizer:
+    """SGD or AdamW over the parameters of ``modules`` — the backbone *and* the loss (a
+    classifier loss's ``.weight``, a learned distance)."""
+    groups = parameter_groups(modules, config.weight_decay, config.decay_all)
+    if not groups:
+        raise ValueError("nothing to optimise: the model and loss have no trainable parameters")
+    if config.name == "sgd":
+        return torch.optim.SGD(
+            groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov
+        )
+    if config.name == "adamw":
+        b1, b2 = config.betas
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(b1, b2))
+    raise ValueError(f"unknown optimizer {config.name!r}; choose 'sgd' or 'adamw'")
+
+
+class WarmupSchedule:
+    """LR multiplier at step ``t`` (a callable object, so ``LambdaLR`` checkpoints it).
+
+    ``t < W``: ``(t + 1)/W`` (linear warm-up). After: ``cosine``: ``r + (1 − r)·½(1 +
+    cos(π·(t − W)/(T − W)))`` with ``r = min_lr_ratio``; ``step``: ``γ^{#milestones ≤ t}``;
+    ``constant``: 1.
+    """
+
+    def __init__(self, config: ScheduleConfig, total_steps: int) -> None:
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        self.name = config.name
+        self.warmup = int(config.warmup_steps)
+        self.total = int(total_steps)
+        self.min_ratio = float(config.min_lr_ratio)
+        self.milestones = list(config.milestones)
+        self.gamma = float(config.gamma)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.name == "cosine":
+            span = max(1, self.total - self.warmup)
+            progress = min(1.0, (step - self.warmup) / span)
+            return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if self.name == "step":
+            return self.gamma ** sum(1 for m in self.milestones if m <= step)
+        return 1.0
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, config: ScheduleConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step ``LambdaLR`` with :class:`WarmupSchedule` (call ``.step()`` every step)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupSchedule(config, total_steps))
+
+
+__all__ = [
+    "LossEntry",
+    "WarmupSchedule",
+    "available_distances",
+    "available_losses",
+    "available_miners",
+    "build_distance",
+    "build_loss",
+    "build_miner",
+    "build_model",
+    "build_optimizer",
+    "build_partial_fc",
+    "build_scheduler",
+    "check_loss_config",
+    "is_classifier_loss",
+    "loss_entry",
+    "parameter_groups",
+    "register_loss",
+]

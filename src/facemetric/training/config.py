@@ -1,0 +1,462 @@
+"""Training configuration: typed dataclasses read from one TOML file per experiment.
+
+``load_config(path)`` parses the file, converts every value to its field's type and checks
+ranges. An unknown key raises ``ValueError`` naming it, its section and the valid keys; a
+value of the wrong type raises ``ValueError`` saying which type was expected. Relative paths
+(``data.root``, ``data.people_file``, ``output_dir``) are resolved against the folder of the
+config file, so a config works from any working directory.
+
+The ``[loss]`` section is open: besides ``name``, ``miner``, ``miner_params`` and
+``distance``, every key is a parameter of the loss (``scale``, ``margin`` ...); those are
+checked against the loss's constructor by :func:`facemetric.training.builders.build_loss`
+(``load_config`` runs that check when the loss is known). See ``configs/*.toml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+AMP_DTYPES = ("bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class DataConfig:
+    """Where the images are: ``root/<identity>/<image>`` (see ``IdentityFolder``).
+
+    ``people_file`` (optional) is an LFW people list selecting identities; ``folds`` picks
+    folds of a View-2 list. ``verify`` decodes every image before training and drops the
+    broken ones (they are reported in ``TrainResult.failures``).
+    """
+
+    root: Path = Path("data")
+    people_file: Path | None = None
+    folds: list[int] | None = None
+    image_size: int = 112
+    min_images: int = 1
+    num_workers: int = 0
+    verify: bool = True
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation (``facemetric.data.transforms.train_transform``)."""
+
+    flip: bool = True
+    crop_scale: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    padding: int = 0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    blur_prob: float = 0.0
+    grayscale_prob: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    """A backbone of ``facemetric.models`` (or ``small_cnn``) and its own options."""
+
+    name: str = "mobilefacenet"
+    embedding_size: int = 512
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    """A loss by name; ``params`` are its keyword arguments (the other keys of ``[loss]``).
+
+    ``miner`` names a miner for a pair loss (``miner_params`` its arguments); ``distance``
+    names the distance shared by the loss and its miner (``cosine``, ``euclidean`` ...).
+    """
+
+    name: str = "arcface"
+    miner: str | None = None
+    miner_params: dict[str, Any] = field(default_factory=dict)
+    distance: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimizerConfig:
+    """SGD (``momentum``, ``nesterov``) or AdamW (``betas``). Weight decay applies to
+    weights of two or more dimensions (convolutions, linear layers, class centres), not to
+    biases and normalisation parameters unless ``decay_all`` is set."""
+
+    name: str = "sgd"
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    decay_all: bool = False
+
+
+@dataclass
+class ScheduleConfig:
+    """Linear warm-up over ``warmup_steps`` then ``cosine`` (down to ``min_lr_ratio``·lr),
+    ``step`` (×``gamma`` at each of ``milestones``, in steps) or ``constant``."""
+
+    name: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+
+
+@dataclass
+class BatchConfig:
+    """Shuffled batches of ``size``, or P×K batches (``p`` identities × ``k`` images) when
+    ``p`` and ``k`` are given — required by pair losses."""
+
+    size: int = 128
+    p: int | None = None
+    k: int | None = None
+
+    @property
+    def uses_pk(self) -> bool:
+        return self.p is not None
+
+    @property
+    def effective_size(self) -> int:
+        return self.p * self.k if self.p is not None and self.k is not None else self.size
+
+
+@dataclass
+class TrainLoopConfig:
+    """Length, precision, clipping, logging and checkpointing.
+
+    ``max_steps`` (if given) overrides ``epochs``. ``amp`` uses ``torch.autocast`` on CUDA
+    with ``amp_dtype``; on CPU it is only used for ``bf16``. ``grad_clip`` is the maximum
+    global gradient norm (``None``: no clipping). ``checkpoint_every`` / ``log_every`` are
+    in steps; the last ``keep_checkpoints`` checkpoints are kept.
+    """
+
+    epochs: int = 1
+    max_steps: int | None = None
+    amp: bool = False
+    amp_dtype: str = "bf16"
+    grad_clip: float | None = None
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 50
+    device: str = "auto"
+
+
+@dataclass
+class PartialFCConfig:
+    """Partial FC (``facemetric.heads.PartialFC``): with ``sample_rate`` set, the classifier
+    loss named in ``[loss]`` (ArcFace, CosFace, combined margin ...) keeps its margin and
+    scale but each step uses only the batch's positive centres plus a uniformly sampled
+    ``sample_rate`` fraction of the others; under torchrun the centres are sharded over the
+    processes. Unset (the default): the plain loss."""
+
+    sample_rate: float | None = None
+
+
+@dataclass
+class MiningConfig:
+    """Global hard-negative mining (``facemetric.miners.global_index``) for pair losses.
+
+    With ``global_index`` on, P×K batches are built by ``HardIdentitySampler``: each seed
+    identity brings its ``neighbours`` most confused identities (nearest centroids). The
+    whole dataset is re-embedded and re-indexed every ``refresh_every`` steps (``batch_size``
+    images at a time; the first refresh happens at that step, before it batches are random).
+    ``per_image`` indexes images instead of identity centroids; faiss (``backend`` ``auto``
+    or ``faiss``) switches to an ``approximate`` index (``ivf``/``hnsw``) above
+    ``approximate_above`` vectors. An epoch makes every identity a seed once, so it has
+    about ``neighbours + 1`` times as many batches as without.
+    """
+
+    global_index: bool = False
+    refresh_every: int = 1000
+    neighbours: int = 3
+    per_image: bool = False
+    batch_size: int = 256
+    backend: str = "auto"
+    approximate: str = "ivf"
+    approximate_above: int | None = 100_000
+
+
+@dataclass
+class TrainConfig:
+    """One experiment: ``seed``, ``output_dir`` and the sections above."""
+
+    seed: int = 0
+    output_dir: Path = Path("runs/train")
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    partial_fc: PartialFCConfig = field(default_factory=PartialFCConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only (paths as strings): what a checkpoint stores."""
+        return _plain(dataclasses.asdict(self))
+
+
+_SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "augment": AugmentConfig,
+    "model": ModelConfig,
+    "loss": LossConfig,
+    "optimizer": OptimizerConfig,
+    "schedule": ScheduleConfig,
+    "batch": BatchConfig,
+    "train": TrainLoopConfig,
+    "partial_fc": PartialFCConfig,
+    "mining": MiningConfig,
+}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def load_config(path: str | os.PathLike[str], *, check_loss: bool = True) -> TrainConfig:
+    """Read a TOML experiment file into a :class:`TrainConfig` (checked; see module doc).
+
+    With ``check_loss`` the ``[loss]`` section is validated by building the loss once
+    (unknown loss, miner or distance names and unknown parameters are reported here rather
+    than when training starts).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: invalid TOML, an unknown key, a value of the wrong type or out of range.
+    """
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: invalid TOML: {err}") from err
+    config = config_from_dict(raw, base_dir=path.parent, source=str(path))
+    if check_loss:
+        from facemetric.training.builders import check_loss_config
+
+        try:
+            check_loss_config(config.loss, config.model.embedding_size)
+        except ValueError as err:
+            raise ValueError(f"{path}: [loss] {err}") from err
+    return config
+
+
+def config_from_dict(
+    raw: dict[str, Any], *, base_dir: Path | None = None, source: str = "config"
+) -> TrainConfig:
+    """Build and check a :class:`TrainConfig` from nested dictionaries (parsed TOML or
+    ``TrainConfig.to_dict()``). Relative paths are resolved against ``base_dir`` if given."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: expected a table, got {type(raw).__name__}")
+    top_fields = {"seed", "output_dir"}
+    valid = sorted(top_fields | set(_SECTIONS))
+    kwargs: dict[str, Any] = {}
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ValueError(f"{source}: [{key}] must be a table, got {value!r}")
+            kwargs[key] = _section(key, value, source)
+        elif key in top_fields:
+            kwargs[key] = _convert(value, hints[key], f"{source}: {key}")
+        else:
+            raise ValueError(f"{source}: unknown key {key!r}; valid top-level keys: {valid}")
+    config = TrainConfig(**kwargs)
+    if base_dir is not None:
+        config.output_dir = _resolve(config.output_dir, base_dir)
+        config.data.root = _resolve(config.data.root, base_dir)
+        if config.data.people_file is not None:
+            config.data.people_file = _resolve(config.data.people_file, base_dir)
+    check_config(config, source)
+    return config
+
+
+def _resolve(path: Path, base: Path) -> Path:
+    path = path.expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _section(name: str, table: dict[str, Any], source: str) -> Any:
+    cls = _SECTIONS[name]
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    for key, value in table.items():
+        where = f"{source}: [{name}] {key}"
+        if key in names and key != "params":
+            kwargs[key] = _convert(value, hints[key], where)
+        elif name == "loss" and key == "params" and isinstance(value, dict):
+            params.update(value)  # the layout of TrainConfig.to_dict()
+        elif name == "loss":
+            if isinstance(value, dict):
+                raise ValueError(
+                    f"{where}: a loss parameter must be a value, not a table "
+                    "(the only sub-table of [loss] is [loss.miner_params])"
+                )
+            params[key] = value
+        else:
+            raise ValueError(
+                f"{source}: unknown key {key!r} in [{name}]; valid keys: {sorted(names)}"
+            )
+    if name == "loss":
+        kwargs["params"] = params
+    return cls(**kwargs)
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+               Path: "a path string"}
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    """``value`` as type ``hint`` (int, float, bool, str, Path, X | None, list[X],
+    dict[str, Any]); ``ValueError`` naming ``where`` otherwise."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(value, args[0], where)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ValueError(
+                f"{where}: expected a list of {_TYPE_WORDS[item][2:]}s, got {value!r} "
+                f"({type(value).__name__})"
+            )
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a table, got {value!r} ({type(value).__name__})")
+        return dict(value)
+    ok = (
+        (hint is bool and isinstance(value, bool))
+        or (hint is int and isinstance(value, int) and not isinstance(value, bool))
+        or (hint is float and isinstance(value, int | float) and not isinstance(value, bool))
+        or (hint in (str, Path) and isinstance(value, str))
+    )
+    if not ok:
+        raise ValueError(
+            f"{where}: expected {_TYPE_WORDS.get(hint, hint)}, got {value!r} "
+            f"({type(value).__name__})"
+        )
+    if hint is float:
+        return float(value)
+    if hint is Path:
+        return Path(value)
+    return value
+
+
+def _need(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def check_config(config: TrainConfig, source: str = "config") -> None:
+    """Range and consistency checks (``ValueError`` with the offending key)."""
+    s = source
+    d, a, m, o, sc, b, t = (
+        config.data, config.augment, config.model, config.optimizer, config.schedule,
+        config.batch, config.train,
+    )
+    _need(config.seed >= 0, f"{s}: seed must be >= 0, got {config.seed}")
+    _need(d.image_size >= 8, f"{s}: [data] image_size must be >= 8, got {d.image_size}")
+    _need(d.min_images >= 1, f"{s}: [data] min_images must be >= 1, got {d.min_images}")
+    _need(d.num_workers >= 0, f"{s}: [data] num_workers must be >= 0, got {d.num_workers}")
+    for key in ("crop_scale", "crop_ratio"):
+        pair = getattr(a, key)
+        _need(
+            len(pair) == 2 and 0 < pair[0] <= pair[1],
+            f"{s}: [augment] {key} must be [min, max] with 0 < min <= max, got {pair}",
+        )
+    _need(a.crop_scale[1] <= 1.0, f"{s}: [augment] crop_scale max must be <= 1")
+    _need(a.padding >= 0, f"{s}: [augment] padding must be >= 0")
+    for key in ("brightness", "contrast", "saturation", "blur_prob", "grayscale_prob"):
+        value = getattr(a, key)
+        _need(0.0 <= value <= 1.0, f"{s}: [augment] {key} must be in [0, 1], got {value}")
+    _need(m.embedding_size >= 1, f"{s}: [model] embedding_size must be >= 1")
+    _need(bool(config.loss.name), f"{s}: [loss] name is required")
+    _need(o.name in OPTIMIZERS, f"{s}: [optimizer] name must be one of {OPTIMIZERS}, got "
+          f"{o.name!r}")
+    _need(o.lr > 0 and math.isfinite(o.lr), f"{s}: [optimizer] lr must be > 0, got {o.lr}")
+    _need(o.weight_decay >= 0, f"{s}: [optimizer] weight_decay must be >= 0")
+    _need(0 <= o.momentum < 1, f"{s}: [optimizer] momentum must be in [0, 1)")
+    _need(len(o.betas) == 2 and all(0 <= x < 1 for x in o.betas),
+          f"{s}: [optimizer] betas must be two numbers in [0, 1), got {o.betas}")
+    _need(sc.name in SCHEDULES, f"{s}: [schedule] name must be one of {SCHEDULES}, got "
+          f"{sc.name!r}")
+    _need(sc.warmup_steps >= 0, f"{s}: [schedule] warmup_steps must be >= 0")
+    _need(0 <= sc.min_lr_ratio <= 1, f"{s}: [schedule] min_lr_ratio must be in [0, 1]")
+    _need(0 < sc.gamma <= 1, f"{s}: [schedule] gamma must be in (0, 1]")
+    _need(sc.milestones == sorted(sc.milestones) and all(x > 0 for x in sc.milestones),
+          f"{s}: [schedule] milestones must be increasing positive steps, got {sc.milestones}")
+    _need((b.p is None) == (b.k is None), f"{s}: [batch] give both p and k, or neither")
+    if b.p is not None and b.k is not None:
+        _need(b.p >= 2 and b.k >= 2, f"{s}: [batch] p and k must be >= 2, got p={b.p}, k={b.k}")
+    else:
+        _need(b.size >= 2, f"{s}: [batch] size must be >= 2, got {b.size}")
+    _need(t.epochs >= 1, f"{s}: [train] epochs must be >= 1, got {t.epochs}")
+    _need(t.max_steps is None or t.max_steps >= 1, f"{s}: [train] max_steps must be >= 1")
+    _need(t.amp_dtype in AMP_DTYPES, f"{s}: [train] amp_dtype must be one of {AMP_DTYPES}, "
+          f"got {t.amp_dtype!r}")
+    _need(t.grad_clip is None or t.grad_clip > 0, f"{s}: [train] grad_clip must be > 0")
+    _need(t.checkpoint_every >= 1, f"{s}: [train] checkpoint_every must be >= 1")
+    _need(t.keep_checkpoints >= 1, f"{s}: [train] keep_checkpoints must be >= 1")
+    _need(t.log_every >= 1, f"{s}: [train] log_every must be >= 1")
+    _need(t.device in DEVICES, f"{s}: [train] device must be one of {DEVICES}, got "
+          f"{t.device!r}")
+    rate = config.partial_fc.sample_rate
+    _need(rate is None or 0 < rate <= 1,
+          f"{s}: [partial_fc] sample_rate must be in (0, 1], got {rate}")
+    mi = config.mining
+    if mi.global_index:
+        _need(b.p is not None and b.k is not None,
+              f"{s}: [mining] global_index needs P×K batches: set [batch] p and k")
+        _need(b.p is None or 0 <= mi.neighbours < b.p,
+              f"{s}: [mining] neighbours must be in [0, p), got {mi.neighbours}")
+    _need(mi.refresh_every >= 1, f"{s}: [mining] refresh_every must be >= 1")
+    _need(mi.batch_size >= 1, f"{s}: [mining] batch_size must be >= 1")
+    _need(mi.backend in ("auto", "faiss", "torch"),
+          f"{s}: [mining] backend must be auto, faiss or torch, got {mi.backend!r}")
+    _need(mi.approximate in ("ivf", "hnsw"),
+          f"{s}: [mining] approximate must be ivf or hnsw, got {mi.approximate!r}")
+    _need(mi.approximate_above is None or mi.approximate_above >= 0,
+          f"{s}: [mining] approximate_above must be >= 0")
+
+
+__all__ = [
+    "AugmentConfig",
+    "BatchConfig",
+    "DataConfig",
+    "LossConfig",
+    "MiningConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "PartialFCConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "TrainLoopConfig",
+    "check_config",
+    "config_from_dict",
+    "load_config",
+]

@@ -1,0 +1,714 @@
+"""The training loop: epochs of batches → backbone → loss → optimiser step, resumable.
+
+``train(config)`` builds what the config names (dataset, backbone, loss, optimiser, schedule),
+runs ``max_steps`` optimiser steps (or ``epochs`` epochs) and writes to ``output_dir``:
+
+- ``checkpoint_<step>.pt`` every ``checkpoint_every`` steps and at the end (atomic, the
+  newest ``keep_checkpoints`` kept; see :mod:`facemetric.training.checkpoint`);
+- ``log.csv``: ``step, epoch, loss, lr, images_per_s, wall_s`` every ``log_every`` steps
+  (``loss`` is the mean over the steps since the previous row);
+- ``loss_curve.png`` at the end (per-step loss and its running mean);
+- ``config.json``: the configuration the run used.
+
+**Exact resume.** Everything that decides the next step is either in the checkpoint or a
+pure function of it: model, loss (class centres), optimiser, schedule and grad-scaler
+states; the position ``(epoch, batch index)``; the global torch/NumPy/Python RNG states; and
+the data order, which is a function of ``(seed, epoch)`` only (``PKSampler`` or
+:class:`ShuffledBatchSampler`). Each sample's augmentation draws from its own generator
+seeded by ``(seed, epoch, batch, position)`` (:func:`facemetric.data.transforms.sample_seeds`),
+so a run resumed with ``resume=True`` produces the same batches, losses and parameters as
+one never interrupted (bitwise on CPU), whatever the number of DataLoader workers. Rows
+of ``log.csv`` written after the checkpoint by the interrupted run are dropped on resume.
+
+**Distributed.** Rank and world size live only in :class:`DistributedContext` (one process
+by default): the samplers shard by it, and model wrapping, metric reduction and barriers go
+through it. :func:`run_from_cli` under torchrun (``WORLD_SIZE > 1``) starts the process
+group and uses :class:`facemetric.training.distributed.DDPContext`; with ``[partial_fc]
+sample_rate`` the classifier loss becomes a Partial FC whose centres are sharded by rank, and
+checkpoints gather the shards (see :mod:`facemetric.training.distributed`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from facemetric.data.folders import IdentityFolder, LoadFailure
+from facemetric.data.samplers import PKSampler
+from facemetric.data.transforms import Compose, sample_seeds, train_transform
+from facemetric.training.builders import (
+    build_loss,
+    build_model,
+    build_optimizer,
+    build_partial_fc,
+    build_scheduler,
+    is_classifier_loss,
+)
+from facemetric.training.checkpoint import (
+    atomic_write,
+    capture_rng_state,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from facemetric.training.config import TrainConfig, load_config
+
+logger = logging.getLogger(__name__)
+
+LOG_FIELDS = ("step", "epoch", "loss", "lr", "images_per_s", "wall_s")
+#: [train] keys that may change between a run and its resumption without a warning
+_RESUME_FREE_KEYS = {
+    "train.epochs", "train.max_steps", "train.log_every", "train.checkpoint_every",
+    "train.keep_checkpoints", "train.device", "data.num_workers", "output_dir",
+}
+
+
+# --------------------------------------------------------------------------- distribution
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process stands in a (possibly) multi-process run.
+
+    The default is a single process. A DDP implementation subclasses this and overrides
+    :meth:`wrap_model`, :meth:`unwrap_model`, :meth:`reduce_mean` and :meth:`barrier`; the loop
+    calls nothing else distributed.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"bad rank {self.rank} for world_size {self.world_size}")
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes logs, checkpoints and plots."""
+        return self.rank == 0
+
+    def device(self, requested: str) -> torch.device:
+        """``cpu``, ``cuda`` (this process's GPU) or ``auto`` (CUDA if available)."""
+        if requested == "auto":
+            requested = "cuda" if torch.cuda.is_available() else "cpu"
+        if requested == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError("[train] device = 'cuda' but CUDA is not available")
+            return torch.device("cuda", self.local_rank)
+        return torch.device(requested)
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """The module the loop calls (DDP would wrap here)."""
+        return model
+
+    def wrap_loss(self, loss: nn.Module) -> nn.Module:
+        """The loss module the loop calls (DDP would wrap its non-sharded parameters)."""
+        return loss
+
+    def unwrap_model(self, model: nn.Module) -> nn.Module:
+        """The plain module whose ``state_dict`` is checkpointed."""
+        return getattr(model, "module", model) if self.world_size > 1 else model
+
+    def reduce_mean(self, value: float) -> float:
+        """Mean of ``value`` over the processes (for logging)."""
+        return value
+
+    def barrier(self) -> None:
+        """Wait for every process."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+class ShuffledBatchSampler(Sampler[list[int]]):
+    """Shuffled batches of ``batch_size`` indices; the last partial batch is dropped.
+
+    The order depends only on ``(seed, epoch)`` (call :meth:`set_epoch`); with several
+    processes each takes every ``num_replicas``-th batch starting at ``rank``.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or num_samples < batch_size * num_replicas:
+            raise ValueError(
+                f"{num_samples} samples cannot fill one batch of {batch_size} per process "
+                f"({num_replicas} processes); lower [batch] size"
+            )
+        self.num_samples, self.batch_size = int(num_samples), int(batch_size)
+        self.seed, self.num_replicas, self.rank = int(seed), int(num_replicas), int(rank)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples // self.batch_size // self.num_replicas
+
+    def __iter__(self) -> Iterator[list[int]]:
+        state = np.random.SeedSequence([self.seed, 0xBA7C, self.epoch]).generate_state(2)
+        gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        order = torch.randperm(self.num_samples, generator=gen).tolist()
+        for b in range(len(self)):
+            start = (b * self.num_replicas + self.rank) * self.batch_size
+            yield order[start : start + self.batch_size]
+
+
+class _SeededBatches(Sampler[list[tuple[int, int]]]):
+    """One epoch of ``sampler`` from batch ``skip`` on, each index paired with its
+    augmentation seed ``sample_seeds(seed, epoch, batch, ·)``."""
+
+    def __init__(self, sampler: Any, seed: int, epoch: int, skip: int) -> None:
+        super().__init__()
+        self.sampler, self.seed, self.epoch, self.skip = sampler, seed, epoch, skip
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.skip)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for b, batch in enumerate(self.sampler):
+            if b < self.skip:
+                continue
+            seeds = sample_seeds(self.seed, self.epoch, b, len(batch))
+            yield list(zip(batch, seeds, strict=True))
+
+
+class AugmentedDataset(Dataset):
+    """``base[index]`` augmented with a generator seeded per sample.
+
+    Items are requested as ``(index, seed)``. An image the base returns as an ``(H, W, 3)``
+    uint8 array goes through ``transform(image, numpy.random.default_rng(seed))``; an image
+    returned as a tensor is used as it is (already preprocessed).
+    """
+
+    def __init__(self, base: Dataset, transform: Compose) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int]:
+        index, seed = key
+        image, label = self.base[index]
+        if isinstance(image, np.ndarray):
+            image = self.transform(image, np.random.default_rng(seed))
+        return image, int(label)
+
+
+def keep_array(image: np.ndarray) -> np.ndarray:
+    """The identity: ``IdentityFolder(transform=keep_array)`` yields the uint8 arrays."""
+    return image
+
+
+def build_dataset(config: TrainConfig) -> IdentityFolder:
+    """``IdentityFolder`` over ``[data] root`` yielding raw uint8 arrays (augmented later)."""
+    d = config.data
+    return IdentityFolder(
+        d.root, people_file=d.people_file, folds=d.folds, min_images=d.min_images,
+        transform=keep_array,
+    )
+
+
+def _hard_identity_batches(
+    config: TrainConfig, labels: np.ndarray, dataset: Dataset, ctx: DistributedContext,
+    device: torch.device,
+) -> tuple[Any, Any]:
+    """``[mining] global_index``: a ``HardIdentitySampler`` and the ``IndexRefresher`` that
+    re-embeds ``dataset`` every ``refresh_every`` steps (see
+    :mod:`facemetric.miners.global_index`)."""
+    from facemetric.data.transforms import eval_transform
+    from facemetric.miners.global_index import (
+        EmbeddingIndex,
+        HardIdentitySampler,
+        IndexRefresher,
+    )
+
+    m, b = config.mining, config.batch
+    assert b.p is not None and b.k is not None
+    sampler = HardIdentitySampler(labels, b.p, b.k, neighbours=m.neighbours, seed=config.seed,
+                                  num_replicas=ctx.world_size, rank=ctx.rank)
+    index = EmbeddingIndex(per_image=m.per_image, backend=m.backend,
+                           approximate_above=m.approximate_above, approximate=m.approximate)
+    refresher = IndexRefresher(index, sampler, dataset, every=m.refresh_every,
+                               batch_size=m.batch_size, device=device,
+                               transform=eval_transform(config.data.image_size),
+                               num_workers=config.data.num_workers)
+    return sampler, refresher
+
+
+def _dataset_labels(dataset: Dataset) -> np.ndarray:
+    targets = getattr(dataset, "targets", None)
+    if targets is None:
+        logger.info("dataset has no .targets; reading every item once for its label")
+        targets = [int(dataset[i][1]) for i in range(len(dataset))]  # type: ignore[arg-type]
+    return np.asarray(targets, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What :func:`train` passes to ``on_step`` after each optimiser step."""
+
+    step: int
+    epoch: int
+    batch_in_epoch: int
+    loss: float
+    lr: float
+
+
+@dataclass
+class TrainResult:
+    """What a run produced.
+
+    ``losses[i]`` is the loss of step ``i + 1`` over the whole run, steps before a resume
+    included (read back from the checkpoint). ``images_per_second`` and ``wall_seconds``
+    are for this call only.
+    """
+
+    steps: int
+    epochs: int
+    losses: list[float]
+    output_dir: Path
+    checkpoint: Path | None
+    log_csv: Path
+    loss_plot: Path | None
+    model: nn.Module
+    loss: nn.Module
+    failures: list[LoadFailure] = field(default_factory=list)
+    images_per_second: float = 0.0
+    wall_seconds: float = 0.0
+    resumed_from: int | None = None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global torch (CPU and CUDA), NumPy and Python generators."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _autocast(config: TrainConfig, device: torch.device) -> tuple[bool, torch.dtype]:
+    t = config.train
+    dtype = torch.bfloat16 if t.amp_dtype == "bf16" else torch.float16
+    if not t.amp:
+        return False, dtype
+    if device.type == "cuda":
+        return True, dtype
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        return True, dtype
+    logger.warning("amp with %s is not supported on %s; training in float32", t.amp_dtype,
+                   device.type)
+    return False, dtype
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and key not in ("params", "miner_params", "options"):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _warn_config_changes(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    old, new = _flatten(saved), _flatten(current)
+    changed = sorted(
+        k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in
+        _RESUME_FREE_KEYS
+    )
+    if changed:
+        logger.warning(
+            "resuming with a configuration that differs from the checkpoint's in %s; the run "
+            "will not match an uninterrupted one", changed,
+        )
+
+
+class _CsvLog:
+    """``log.csv`` rows; on resume, rows after the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        kept: list[list[str]] = []
+        if resume_step is not None and path.exists():
+            with path.open(newline="") as handle:
+                rows = list(csv.reader(handle))
+            kept = [r for r in rows[1:] if r and int(r[0]) <= resume_step]
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(LOG_FIELDS)
+        writer.writerows(kept)
+        atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+    def write(self, row: Sequence[Any]) -> None:
+        with self.path.open("a", newline="") as handle:
+            csv.writer(handle, lineterminator="\n").writerow(row)
+
+
+def plot_loss_curve(losses: Sequence[float], path: Path, title: str = "training loss") -> Path:
+    """Per-step loss (light) and its running mean over ~1% of the run, saved atomically as
+    a PNG (matplotlib's Agg canvas; pyplot's global state is not touched)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    steps = np.arange(1, len(losses) + 1)
+    values = np.asarray(losses, dtype=np.float64)
+    ax.plot(steps, values, color="tab:blue", alpha=0.3, linewidth=0.8, label="per step")
+    window = max(1, len(values) // 100)
+    if window > 1:
+        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+        ax.plot(steps[window - 1 :], smooth, color="tab:blue", label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"))
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    dataset: Dataset | None = None,
+    model: nn.Module | None = None,
+    loss: nn.Module | None = None,
+    context: DistributedContext | None = None,
+    on_step: Callable[[StepInfo], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train as ``config`` says; see the module docstring for what is written and how
+    resuming works.
+
+    Args:
+        config: the experiment (``load_config``).
+        resume: continue from the newest checkpoint in ``output_dir`` (a fresh start if there
+            is none). Without it, an ``output_dir`` that holds checkpoints is refused.
+        dataset: items ``(image, label)`` — an ``(H, W, 3)`` uint8 array (augmented with
+            ``[augment]`` and normalised) or a ready tensor; labels ``0 .. C−1``; a
+            ``targets`` attribute saves a pass over it. Default: ``IdentityFolder`` over
+            ``[data] root``. If it has ``verify()`` and ``[data] verify`` is true, broken
+            images are found and dropped before training (see ``TrainResult.failures``).
+        model: the backbone (default: ``[model]`` from the registry); it must map a batch
+            to ``(B, [model] embedding_size)``.
+        loss: the loss module (default: built from ``[loss]``); called ``loss(emb, labels)``.
+        context: rank/world size (default: one process).
+        on_step: called after every step; an exception raised there stops training (what
+            a crash would do: no final checkpoint, plot or result).
+        progress: show a tqdm bar (loss, img/s, ETA).
+
+    Raises:
+        FileExistsError: ``output_dir`` has checkpoints and ``resume`` is false.
+        FloatingPointError: the loss became NaN or infinite.
+        ValueError: an inconsistent configuration (e.g. a pair loss without P×K batches).
+    """
+    ctx = context or DistributedContext()
+    out_dir = Path(config.output_dir)
+    device = ctx.device(config.train.device)
+    started = time.perf_counter()
+
+    existing = list_checkpoints(out_dir)
+    if existing and not resume:
+        raise FileExistsError(
+            f"{out_dir} already holds {len(existing)} checkpoint(s); pass resume=True "
+            "(--resume) to continue, or choose another output_dir"
+        )
+    seed_everything(config.seed)
+
+    # ---- data
+    if dataset is None:
+        dataset = build_dataset(config)
+    failures: list[LoadFailure] = []
+    if config.data.verify and hasattr(dataset, "verify"):
+        failures.extend(dataset.verify(workers=max(1, config.data.num_workers)))
+        if failures:
+            logger.warning("dropped %d unreadable image(s) before training, e.g. %s",
+                           len(failures), failures[0].path)
+    labels = _dataset_labels(dataset)
+    if labels.size == 0:
+        raise ValueError("the dataset is empty")
+    num_classes = int(getattr(dataset, "num_classes", int(labels.max()) + 1))
+    classifier = loss is None and is_classifier_loss(config.loss)
+    b = config.batch
+    sampler: Any
+    refresher: Any = None  # global hard-negative mining ([mining] global_index)
+    if b.p is not None and b.k is not None and config.mining.global_index:
+        sampler, refresher = _hard_identity_batches(config, labels, dataset, ctx, device)
+    elif b.p is not None and b.k is not None:
+        sampler = PKSampler(labels, b.p, b.k, seed=config.seed,
+                            num_replicas=ctx.world_size, rank=ctx.rank)
+    elif loss is None and not classifier:
+        raise ValueError(
+            f"the pair loss {config.loss.name!r} needs P×K batches: set [batch] p and k"
+        )
+    else:
+        sampler = ShuffledBatchSampler(len(labels), b.size, seed=config.seed,
+                                       num_replicas=ctx.world_size, rank=ctx.rank)
+    steps_per_epoch = len(sampler)
+    batch_images = b.effective_size * ctx.world_size
+    total_steps = config.train.max_steps or config.train.epochs * steps_per_epoch
+    a = config.augment
+    transform = train_transform(
+        config.data.image_size, flip=a.flip, crop_scale=a.crop_scale, crop_ratio=a.crop_ratio,
+        padding=a.padding, brightness=a.brightness, contrast=a.contrast,
+        saturation=a.saturation, blur_prob=a.blur_prob, grayscale_prob=a.grayscale_prob,
+    )
+    data = AugmentedDataset(dataset, transform)
+
+    # ---- model, loss, optimiser
+    if model is None:
+        model = build_model(config.model)
+    if loss is None:
+        loss = build_loss(config.loss, num_classes, config.model.embedding_size)
+        if config.partial_fc.sample_rate is not None:
+            if not classifier:
+                raise ValueError(
+                    f"[partial_fc] needs a classifier loss, not {config.loss.name!r}"
+                )
+            loss = build_partial_fc(loss, config.partial_fc.sample_rate, rank=ctx.rank,
+                                    world_size=ctx.world_size, seed=config.seed)
+    model.to(device)
+    loss.to(device)
+    optimizer = build_optimizer(config.optimizer, [model, loss])
+    scheduler = build_scheduler(optimizer, config.schedule, total_steps)
+    use_amp, amp_dtype = _autocast(config, device)
+    scaler = torch.amp.GradScaler(
+        "cuda", enabled=use_amp and device.type == "cuda" and amp_dtype == torch.float16
+    )
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    net = ctx.wrap_model(model)
+    loss_fn = ctx.wrap_loss(loss)
+
+    # ---- resume
+    step = epoch = batch_in_epoch = 0
+    history: list[float] = []
+    elapsed_before = 0.0
+    resumed_from: int | None = None
+    ckpt_path = latest_checkpoint(out_dir) if resume else None
+    if ckpt_path is not None:
+        state = load_checkpoint(ckpt_path, map_location="cpu")
+        _warn_config_changes(state["config"], config.to_dict())
+        if state["steps_per_epoch"] != steps_per_epoch:
+            raise ValueError(
+                f"{ckpt_path} was written with {state['steps_per_epoch']} batches per epoch, "
+                f"the data and batch settings now give {steps_per_epoch}: cannot resume"
+            )
+        model.load_state_dict(state["model"])
+        loss.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
+        if ctx.world_size > 1:
+            from facemetric.training.distributed import shard_loaded_state
+
+            shard_loaded_state(loss, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        scheduler.lr_lambdas[0].total = total_steps  # the config decides the run's length
+        scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state["rng"])
+        if refresher is not None and "hard_sampler" in state:
+            sampler.load_state_dict(state["hard_sampler"])
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        history = state["losses"].tolist()
+        elapsed_before = float(state["elapsed"])
+        resumed_from = step
+        logger.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt_path, step, epoch,
+                    batch_in_epoch)
+    elif resume:
+        logger.info("no checkpoint in %s; starting from scratch", out_dir)
+
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(config.to_dict(), indent=2)
+        atomic_write(out_dir / "config.json", lambda f: f.write(text.encode()))
+    log = _CsvLog(out_dir / "log.csv", resumed_from) if ctx.is_main else None
+
+    def make_state(loss_state: dict[str, Any], optim_state: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+            "model": ctx.unwrap_model(model).state_dict(), "loss": loss_state,
+            "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "sampler": {"seed": config.seed, "epoch": epoch, "batch_in_epoch": batch_in_epoch},
+            **({"hard_sampler": sampler.state_dict()} if refresher is not None else {}),
+            "rng": capture_rng_state(),
+            "losses": torch.tensor(history, dtype=torch.float64),
+            "elapsed": elapsed_before + time.perf_counter() - started,
+            "config": config.to_dict(),
+        }
+
+    last_ckpt: Path | None = ckpt_path
+    loader_gen = torch.Generator()  # keeps the DataLoader off the global RNG
+    bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
+               disable=not (progress and ctx.is_main), desc="train")
+    window_start = time.perf_counter()
+    window_steps = 0
+    run_images = 0
+    try:
+        while step < total_steps:
+            sampler.set_epoch(epoch)
+            loader = DataLoader(
+                data,
+                batch_sampler=_SeededBatches(sampler, config.seed, epoch, batch_in_epoch),
+                num_workers=config.data.num_workers,
+                pin_memory=device.type == "cuda",
+                generator=loader_gen,
+            )
+            for images, targets in loader:
+                net.train()
+                loss.train()
+                images = images.to(device, non_blocking=True)
+                targets = targets.to(device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    embeddings = net(images)
+                value = loss_fn(embeddings.float(), targets)
+                if not torch.isfinite(value):
+                    raise FloatingPointError(
+                        f"the loss is {value.item()} at step {step + 1}; lower [optimizer] lr "
+                        "or set [train] grad_clip"
+                    )
+                scaler.scale(value).backward()
+                if config.train.grad_clip is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, config.train.grad_clip)
+                lr = float(optimizer.param_groups[0]["lr"])
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+
+                step += 1
+                step_epoch = epoch
+                batch_in_epoch += 1
+                if batch_in_epoch == steps_per_epoch:
+                    epoch, batch_in_epoch = epoch + 1, 0
+                history.append(ctx.reduce_mean(float(value.detach())))
+                window_steps += 1
+                run_images += batch_images
+                bar.update(1)
+                if refresher is not None and refresher.due(step):  # kept out of img/s
+                    window_start += refresher.refresh(ctx.unwrap_model(model), step)
+                if step % config.train.log_every == 0 or step == total_steps:
+                    now = time.perf_counter()
+                    rate = window_steps * batch_images / max(now - window_start, 1e-9)
+                    first = (step - 1) // config.train.log_every * config.train.log_every
+                    mean = float(np.mean(history[first:step]))
+                    bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.3g}")
+                    if log is not None:
+                        wall = elapsed_before + now - started
+                        log.write([step, step_epoch, f"{mean:.6g}", f"{lr:.6g}",
+                                   f"{rate:.1f}", f"{wall:.2f}"])
+                    window_start, window_steps = now, 0
+                if step % config.train.checkpoint_every == 0 or step == total_steps:
+                    if ctx.world_size > 1:  # a collective: sharded centres are gathered
+                        from facemetric.training.distributed import gather_sharded_state
+
+                        loss_state, optim_state = gather_sharded_state(loss, optimizer)
+                    else:
+                        loss_state, optim_state = loss.state_dict(), optimizer.state_dict()
+                    if ctx.is_main:
+                        last_ckpt = save_checkpoint(make_state(loss_state, optim_state),
+                                                    out_dir, step, config.train.keep_checkpoints)
+                    ctx.barrier()
+                if on_step is not None:
+                    on_step(StepInfo(step, step_epoch, batch_in_epoch, history[-1], lr))
+                if step >= total_steps:
+                    break
+    finally:
+        bar.close()
+
+    wall = time.perf_counter() - started
+    plot: Path | None = None
+    if ctx.is_main and history:
+        try:
+            plot = plot_loss_curve(history, out_dir / "loss_curve.png",
+                                   f"{config.loss.name} · {config.model.name}")
+        except ImportError:
+            logger.warning("matplotlib is not installed; no loss curve written")
+    for failure in getattr(dataset, "failures", []):
+        if failure not in failures:
+            failures.append(failure)
+    return TrainResult(
+        steps=step,
+        epochs=epoch,
+        losses=history,
+        output_dir=out_dir,
+        checkpoint=last_ckpt,
+        log_csv=out_dir / "log.csv",
+        loss_plot=plot,
+        model=model,
+        loss=loss,
+        failures=failures,
+        images_per_second=run_images / max(wall, 1e-9),
+        wall_seconds=wall,
+        resumed_from=resumed_from,
+    )
+
+
+def run_from_cli(config_path: Path, resume: bool = False) -> TrainResult:
+    """``facemetric train --config CONFIG.toml [--resume]``: load the config and train.
+
+    Launched by torchrun (``WORLD_SIZE > 1``) it starts the process group first
+    (:func:`facemetric.training.distributed.init_distributed`), trains with DDP and ends the
+    group afterwards.
+    """
+    config = load_config(config_path)
+    from facemetric.training.distributed import DDPContext, init_distributed
+
+    ctx = init_distributed()
+    try:
+        return train(config, resume=resume, context=ctx)
+    finally:
+        if isinstance(ctx, DDPContext):
+            ctx.destroy()
+
+
+__all__ = [
+    "AugmentedDataset",
+    "DistributedContext",
+    "ShuffledBatchSampler",
+    "StepInfo",
+    "TrainResult",
+    "build_dataset",
+    "keep_array",
+    "plot_loss_curve",
+    "run_from_cli",
+    "seed_everything",
+    "train",
+]

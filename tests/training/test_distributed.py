@@ -1,0 +1,266 @@
+"""Multi-process tests on CPU (gloo, 2 processes spawned with torch.multiprocessing):
+sharded Partial FC equals the one-process softmax over the union of the sampled centres
+(value and gradients), DDP training through the real ``train()`` loop equals one process on
+the global batch (also with sharded Partial FC, checkpoints gathered, and an exact resume),
+and ``torchrun -m facemetric train`` runs end to end."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+
+from facemetric.heads import PartialFC, shard_range
+from facemetric.losses.classifier import margin_cross_entropy
+from facemetric.losses.margins import ArcMargin
+from facemetric.training import config_from_dict, load_checkpoint, train
+from facemetric.training.checkpoint import checkpoint_path
+from facemetric.training.distributed import DDPContext, init_distributed
+
+WORLD = 2
+N, D, B_LOCAL = 13, 5, 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _set_env(rank: int, port: int) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+
+
+def _spawn(fn: Any, *args: Any) -> None:
+    mp.spawn(fn, args=(_free_port(), *args), nprocs=WORLD, join=True)
+
+
+# --------------------------------------------------------------------------- (a) the head
+
+
+def _global_problem() -> tuple[Tensor, Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(WORLD * B_LOCAL, D, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, N, (WORLD * B_LOCAL,), generator=gen)
+    y[0], y[-1] = 0, N - 1  # targets on both shards
+    w = torch.randn(N, D, generator=gen, dtype=torch.float64)
+    return x, y, w
+
+
+def _head_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    _set_env(rank, port)
+    ctx = init_distributed()
+    try:
+        assert isinstance(ctx, DDPContext) and ctx.backend == "gloo"
+        x, y, w = _global_problem()
+        results = []
+        for ddp_averaging in (True, False):
+            pfc = PartialFC(N, D, ArcMargin(0.4), 8.0, sample_rate=0.35, rank=rank,
+                            world_size=WORLD, seed=3, ddp_averaging=ddp_averaging).double()
+            start, stop = shard_range(N, rank, WORLD)
+            with torch.no_grad():
+                pfc.weight.copy_(w[start:stop])
+            xl = x[rank * B_LOCAL : (rank + 1) * B_LOCAL].clone().requires_grad_(True)
+            value = pfc(xl, y[rank * B_LOCAL : (rank + 1) * B_LOCAL])
+            value.backward()
+            results.append({"loss": value.detach(), "x_grad": xl.grad, "w_grad": pfc.weight.grad,
+                            "sampled": pfc.last_sampled})
+        torch.save(results, Path(out) / f"head_{rank}.pt")
+    finally:
+        ctx.destroy()
+
+
+def test_sharded_partial_fc_equals_one_process(tmp_path: Path) -> None:
+    _spawn(_head_worker, str(tmp_path))
+    x, y, w = _global_problem()
+    per_rank = [torch.load(tmp_path / f"head_{r}.pt") for r in range(WORLD)]
+    for run, ddp_averaging in enumerate((True, False)):
+        got = [per_rank[r][run] for r in range(WORLD)]
+        union = torch.cat([g["sampled"] for g in got])
+        assert torch.equal(union, union.unique()), "shards sampled overlapping classes"
+        assert set(y.tolist()) <= set(union.tolist())
+        assert union.numel() < N  # really sampled
+        xr = x.clone().requires_grad_(True)
+        wr = w.clone().requires_grad_(True)
+        remapped = torch.searchsorted(union, y)
+        ref = margin_cross_entropy(xr, wr[union], remapped, ArcMargin(0.4), 8.0, margin_labels=y)
+        ref.backward()
+        factor = WORLD if ddp_averaging else 1
+        for rank, g in enumerate(got):
+            assert g["loss"].item() == pytest.approx(ref.item(), rel=1e-12)
+            mine = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
+            torch.testing.assert_close(g["x_grad"], factor * xr.grad[mine], rtol=1e-10,
+                                       atol=1e-12)
+            start, stop = shard_range(N, rank, WORLD)
+            torch.testing.assert_close(g["w_grad"], wr.grad[start:stop], rtol=1e-10, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- (b) training
+
+
+class _Tensors(torch.utils.data.Dataset):
+    """Ready tensors (the loop uses them as they are) with a ``targets`` attribute."""
+
+    def __init__(self, n: int = 48, classes: int = 6) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.targets = [i % classes for i in range(n)]
+        centres = torch.randn(classes, 3, 4, 4, generator=gen)
+        self.images = centres[self.targets] + 0.5 * torch.randn(n, 3, 4, 4, generator=gen)
+        self.num_classes = classes
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.images[i], self.targets[i]
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(123)  # same initial backbone everywhere (no BatchNorm: sync-free)
+    return nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.Tanh(), nn.Linear(16, 8))
+
+
+def _config(out: Path, batch: int, steps: int, partial: float | None) -> Any:
+    raw: dict[str, Any] = {
+        "seed": 4, "output_dir": str(out),
+        "data": {"root": str(out), "verify": False, "image_size": 8},
+        "augment": {"flip": False},
+        "model": {"name": "small_cnn", "embedding_size": 8},
+        "loss": {"name": "arcface", "scale": 8.0, "margin": 0.3},
+        "optimizer": {"name": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 1e-3},
+        "schedule": {"name": "constant"},
+        "batch": {"size": batch},
+        "train": {"max_steps": steps, "checkpoint_every": 2, "log_every": 1, "device": "cpu"},
+    }  # fmt: skip
+    if partial is not None:
+        raw["partial_fc"] = {"sample_rate": partial}
+    return config_from_dict(raw)
+
+
+def _plain_worker(rank: int, port: int, out: str) -> None:
+    """Plain ArcFace: the backbone and the (replicated) centres are both DDP-wrapped."""
+    torch.set_num_threads(1)
+    _set_env(rank, port)
+    ctx = init_distributed()
+    try:
+        run = train(_config(Path(out) / "plain", B_LOCAL, 4, None), dataset=_Tensors(),
+                    model=_model(), context=ctx, progress=False)
+        torch.save(([p.detach() for p in run.model.parameters()], run.loss.weight.detach(),
+                    run.losses, None), Path(out) / f"plain_{rank}.pt")
+    finally:
+        ctx.destroy()
+
+
+def _pfc_worker(rank: int, port: int, out: str) -> None:
+    """Sharded Partial FC at rate 1 (= ArcFace): 2 steps, then resumed to 4."""
+    torch.set_num_threads(1)
+    _set_env(rank, port)
+    ctx = init_distributed()
+    try:
+        cfg = _config(Path(out) / "pfc", B_LOCAL, 2, 1.0)
+        train(cfg, dataset=_Tensors(), model=_model(), context=ctx, progress=False)
+        cfg.train.max_steps = 4
+        run = train(cfg, resume=True, dataset=_Tensors(), model=_model(), context=ctx,
+                    progress=False)
+        assert isinstance(run.loss, PartialFC) and run.loss.world_size == WORLD
+        torch.save(([p.detach() for p in run.model.parameters()], run.loss.weight.detach(),
+                    run.losses, run.resumed_from), Path(out) / f"pfc_{rank}.pt")
+    finally:
+        ctx.destroy()
+
+
+def _reference(tmp_path: Path) -> tuple[list[Tensor], Tensor, list[float]]:
+    """One process, the global batch (2 × B_LOCAL), plain ArcFace, 4 steps."""
+    torch.set_num_threads(1)
+    ref = train(_config(tmp_path / "ref", WORLD * B_LOCAL, 4, None), dataset=_Tensors(),
+                model=_model(), progress=False)
+    params = [p.detach() for p in ref.model.parameters()]
+    initial = [p.detach() for p in _model().parameters()]
+    assert any(not torch.allclose(a, b) for a, b in zip(params, initial, strict=True))
+    return params, ref.loss.weight.detach(), ref.losses
+
+
+@pytest.mark.parametrize("kind", ["plain", "pfc"])
+def test_ddp_training_equals_one_process_on_the_global_batch(tmp_path: Path, kind: str) -> None:
+    _spawn(_plain_worker if kind == "plain" else _pfc_worker, str(tmp_path))
+    ref_params, ref_weight, ref_losses = _reference(tmp_path)
+    for rank in range(WORLD):
+        params, weight, losses, resumed_from = torch.load(tmp_path / f"{kind}_{rank}.pt")
+        for got, want in zip(params, ref_params, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        if kind == "pfc":  # this rank's shard of the centres
+            assert resumed_from == 2
+            start, stop = shard_range(ref_weight.shape[0], rank, WORLD)
+            torch.testing.assert_close(weight, ref_weight[start:stop], rtol=1e-5, atol=1e-5)
+        else:
+            torch.testing.assert_close(weight, ref_weight, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    if kind == "pfc":  # rank 0 wrote checkpoints with every centre and its full momentum
+        state = load_checkpoint(checkpoint_path(tmp_path / "pfc", 4), map_location="cpu")
+        torch.testing.assert_close(state["loss"]["weight"], ref_weight, rtol=1e-5, atol=1e-5)
+        momentum = [s["momentum_buffer"] for s in state["optimizer"]["state"].values()
+                    if s["momentum_buffer"].shape == ref_weight.shape]
+        assert len(momentum) == 1
+
+
+def test_init_distributed_without_torchrun_is_one_process(monkeypatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ctx = init_distributed()
+    assert (ctx.rank, ctx.world_size) == (0, 1) and not isinstance(ctx, DDPContext)
+    assert not dist.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        init_distributed()
+
+
+# --------------------------------------------------------------------------- torchrun
+
+
+def test_torchrun_launches_facemetric_train(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        folder = tmp_path / "faces" / f"person_{i}"
+        folder.mkdir(parents=True)
+        base = rng.integers(0, 256, (4, 4, 3))
+        for j in range(4):
+            img = np.kron(base, np.ones((4, 4, 1))) + rng.normal(0, 10, (16, 16, 3))
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{j}.png")
+    config = tmp_path / "run.toml"
+    config.write_text(
+        'seed = 0\noutput_dir = "out"\n[data]\nroot = "faces"\nimage_size = 16\n'
+        '[model]\nname = "small_cnn"\nembedding_size = 8\noptions = { width = 4 }\n'
+        '[loss]\nname = "cosface"\nscale = 8.0\nmargin = 0.2\n'
+        '[partial_fc]\nsample_rate = 0.5\n[batch]\nsize = 4\n'
+        '[train]\nmax_steps = 2\ncheckpoint_every = 1\nlog_every = 1\ndevice = "cpu"\n'
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+           "-m", "facemetric", "train", "--config", str(config)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    state = load_checkpoint(checkpoint_path(out, 2), map_location="cpu")
+    assert state["loss"]["weight"].shape == (4, 8)  # every centre, gathered from 2 shards
+    assert state["config"]["partial_fc"]["sample_rate"] == 0.5
+    rows = (out / "log.csv").read_text().strip().splitlines()
+    assert len(rows) == 3  # header + one row per step, written once (rank 0)
+    assert "trained 2 steps" in proc.stdout

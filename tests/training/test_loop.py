@@ -1,0 +1,287 @@
+"""Whole-loop tests on a tiny synthetic identity folder: learning, outputs, exact resume,
+broken images, configuration errors."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from facemetric.training import (
+    StepInfo,
+    config_from_dict,
+    latest_checkpoint,
+    load_checkpoint,
+    run_from_cli,
+    train,
+)
+from facemetric.training.builders import register_loss
+from facemetric.training.loop import ShuffledBatchSampler
+
+IDENTITIES, PER_ID, SIDE = 6, 4, 32
+
+
+class _NormSoftmax(nn.Module):
+    """Stand-in classifier loss (normalised centres, additive cosine margin), so the
+    classifier path is tested whatever ``facemetric.losses`` exports today."""
+
+    def __init__(self, num_classes: int, embedding_size: int, scale: float = 16.0,
+                 margin: float = 0.1) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(num_classes, embedding_size) * 0.1)
+        self.scale, self.margin = scale, margin
+
+    def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
+        cos = F.normalize(emb, dim=1) @ F.normalize(self.weight, dim=1).T
+        cos = cos - self.margin * F.one_hot(labels, cos.shape[1])
+        return F.cross_entropy(self.scale * cos, labels)
+
+
+register_loss("test_normsoftmax", _NormSoftmax, classifier=True)
+
+
+def _make_folder(root: Path, seed: int = 0) -> Path:
+    """6 identities × 4 images: a coarse random colour pattern per identity plus noise."""
+    rng = np.random.default_rng(seed)
+    for i in range(IDENTITIES):
+        folder = root / f"person_{i}"
+        folder.mkdir(parents=True)
+        base = rng.integers(0, 256, (4, 4, 3))
+        for j in range(PER_ID):
+            img = np.kron(base, np.ones((SIDE // 4, SIDE // 4, 1))) + rng.normal(0, 15, (SIDE,
+                                                                                      SIDE, 3))
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{j}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory) -> Path:
+    return _make_folder(tmp_path_factory.mktemp("faces"))
+
+
+def _config(data: Path, out: Path, loss: str = "triplet", **train_overrides):
+    pair = loss != "test_normsoftmax"
+    raw = {
+        "seed": 3,
+        "output_dir": str(out),
+        "data": {"root": str(data), "image_size": SIDE, "min_images": 2},
+        "augment": {"flip": True, "crop_scale": [0.8, 1.0], "padding": 2,
+                    "brightness": 0.2, "contrast": 0.2, "saturation": 0.2,
+                    "blur_prob": 0.2, "grayscale_prob": 0.1},
+        "model": {"name": "small_cnn", "embedding_size": 16, "options": {"width": 8}},
+        "loss": {"name": loss, **({"miner": "batch_hard", "margin": 0.2} if pair else {})},
+        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4},
+        "schedule": {"name": "cosine", "warmup_steps": 3},
+        "batch": {"p": 3, "k": 4} if pair else {"size": 8},
+        "train": {"max_steps": 10, "checkpoint_every": 5, "log_every": 2, "grad_clip": 5.0,
+                  **train_overrides},
+    }
+    return config_from_dict(raw)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_short_run_learns_and_writes_outputs(faces, tmp_path):
+    torch.set_num_threads(1)
+    cfg = _config(faces, tmp_path / "run", "triplet", max_steps=40, checkpoint_every=15,
+                  keep_checkpoints=2, log_every=10)
+    result = train(cfg, progress=False)
+    assert result.steps == 40 and len(result.losses) == 40
+    first, last = np.mean(result.losses[:8]), np.mean(result.losses[-8:])
+    assert last < 0.5 * first, (first, last)
+    names = sorted(p.name for p in result.output_dir.glob("checkpoint_*.pt"))
+    assert names == ["checkpoint_000000030.pt", "checkpoint_000000040.pt"]  # keep 2
+    assert result.checkpoint == latest_checkpoint(result.output_dir)
+    rows = _rows(result.log_csv)
+    assert list(rows[0]) == ["step", "epoch", "loss", "lr", "images_per_s", "wall_s"]
+    assert [int(r["step"]) for r in rows] == [10, 20, 30, 40]
+    assert float(rows[0]["loss"]) == pytest.approx(np.mean(result.losses[:10]), rel=1e-5)
+    assert all(float(r["images_per_s"]) > 0 for r in rows)
+    # 2 P×K batches per epoch (6 identities, p = 3): step 40 happens in epoch 19
+    assert int(rows[-1]["epoch"]) == 19 and result.epochs == 20
+    assert result.loss_plot is not None
+    assert result.loss_plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (result.output_dir / "config.json").exists()
+    assert not list(result.output_dir.glob(".tmp-*"))
+    state = load_checkpoint(result.checkpoint)
+    assert state["step"] == 40
+    assert torch.equal(state["losses"], torch.tensor(result.losses, dtype=torch.float64))
+
+
+class _KilledError(Exception):
+    pass
+
+
+def _kill_after(step: int):
+    def hook(info: StepInfo) -> None:
+        if info.step == step:
+            raise _KilledError
+
+    return hook
+
+
+def _params(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _dropout_model() -> nn.Module:
+    """A backbone that draws from the global torch RNG at every step (dropout)."""
+    from facemetric.demo import SmallFaceCNN
+
+    torch.manual_seed(11)
+    return nn.Sequential(SmallFaceCNN(16, in_channels=3, width=8), nn.Dropout(0.3))
+
+
+@pytest.mark.parametrize(("loss", "workers_after_resume", "dropout"), [
+    ("triplet", 0, True),  # P×K batches, global RNG used by dropout
+    ("test_normsoftmax", 1, False),  # shuffled batches, class centres; a worker on resume
+])
+def test_resume_is_exact(faces, tmp_path, loss, workers_after_resume, dropout):
+    torch.set_num_threads(1)
+    n = 11
+
+    def model() -> nn.Module | None:
+        return _dropout_model() if dropout else None
+
+    straight = train(_config(faces, tmp_path / "straight", loss, max_steps=n), model=model(),
+                     progress=False)
+
+    out = tmp_path / "killed"
+    seen: list[float] = []
+    with pytest.raises(_KilledError):
+        # checkpoints at 5 and 10; killed at 7: steps 6–7 are lost and redone
+        train(_config(faces, out, loss, max_steps=n), model=model(), progress=False,
+              on_step=lambda info: (seen.append(info.loss), _kill_after(7)(info)))
+    assert latest_checkpoint(out).name == "checkpoint_000000005.pt"
+    assert [int(r["step"]) for r in _rows(out / "log.csv")] == [2, 4, 6]
+
+    cfg = _config(faces, out, loss, max_steps=n)
+    cfg.data.num_workers = workers_after_resume
+    resumed = train(cfg, resume=True, model=model(), progress=False)
+    assert resumed.resumed_from == 5
+    assert resumed.losses == straight.losses  # bitwise, whole sequence
+    assert seen == straight.losses[:7]
+    for name, value in _params(straight.model).items():
+        assert torch.equal(value, _params(resumed.model)[name]), name
+    assert torch.equal(straight.loss.state_dict().get("weight", torch.zeros(1)),
+                       resumed.loss.state_dict().get("weight", torch.zeros(1)))
+    a, b = load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint)
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for key, value in a["optimizer"]["state"].items():
+        for name, tensor in value.items():
+            assert torch.equal(tensor, b["optimizer"]["state"][key][name])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == n
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    # the log after resume matches the straight one (but for timing columns)
+    def key(rows):
+        return [(r["step"], r["epoch"], r["loss"], r["lr"]) for r in rows]
+
+    assert key(_rows(out / "log.csv")) == key(_rows(straight.log_csv))
+
+
+def test_refuses_to_overwrite_and_resume_without_checkpoint_starts_fresh(faces, tmp_path):
+    torch.set_num_threads(1)
+    cfg = _config(faces, tmp_path / "run", max_steps=2, checkpoint_every=1)
+    first = train(cfg, resume=True, progress=False)  # nothing to resume: fresh start
+    assert first.resumed_from is None and first.steps == 2
+    with pytest.raises(FileExistsError, match="resume"):
+        train(cfg, progress=False)
+    again = train(cfg, resume=True, progress=False)  # already finished: no more steps
+    assert again.steps == 2 and again.losses == first.losses
+
+
+def test_broken_images_are_skipped_and_reported(faces, tmp_path, caplog):
+    torch.set_num_threads(1)
+    data = _make_folder(tmp_path / "faces", seed=1)
+    bad = data / "person_2" / "9.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    (data / "person_4" / "8.jpg").write_bytes(b"")
+    result = train(_config(data, tmp_path / "a", max_steps=3), progress=False)
+    assert sorted(f.path.name for f in result.failures) == ["8.jpg", "9.png"]
+    assert result.steps == 3
+
+    # without the up-front check, a broken file met while loading is replaced and reported
+    cfg = _config(data, tmp_path / "b", max_steps=6)
+    cfg.data.verify = False
+    with caplog.at_level(logging.WARNING, logger="facemetric.data.folders"):
+        lazy = train(cfg, progress=False)
+    assert {f.path.name for f in lazy.failures} <= {"8.jpg", "9.png"}
+    assert lazy.failures, "six P×K epochs visit person_2 and person_4"
+    assert "unreadable" in caplog.text
+
+
+def test_pair_loss_needs_pk_batches(faces, tmp_path):
+    cfg = _config(faces, tmp_path / "x", "triplet")
+    cfg.batch.p = cfg.batch.k = None
+    with pytest.raises(ValueError, match="P×K"):
+        train(cfg, progress=False)
+
+
+def test_non_finite_loss_stops_with_a_clear_error(faces, tmp_path):
+    class _Nan(nn.Module):
+        def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
+            return emb.sum() * float("nan")
+
+    with pytest.raises(FloatingPointError, match="step 1"):
+        train(_config(faces, tmp_path / "x"), loss=_Nan(), progress=False)
+
+
+def test_fp16_amp_on_cpu_falls_back_to_float32(faces, tmp_path, caplog):
+    torch.set_num_threads(1)
+    cfg = _config(faces, tmp_path / "x", max_steps=2, amp=True, amp_dtype="fp16")
+    with caplog.at_level(logging.WARNING):
+        result = train(cfg, progress=False)
+    assert "float32" in caplog.text and result.steps == 2
+
+
+def test_run_from_cli_reads_toml(faces, tmp_path):
+    torch.set_num_threads(1)
+    toml = tmp_path / "exp.toml"
+    toml.write_text(
+        f'seed = 1\noutput_dir = "out"\n[data]\nroot = "{faces.as_posix()}"\nimage_size = 32\n'
+        'min_images = 2\n[model]\nname = "small_cnn"\nembedding_size = 8\n'
+        '[loss]\nname = "contrastive"\nneg_margin = 0.8\n'
+        '[batch]\np = 2\nk = 2\n[train]\nmax_steps = 2\nlog_every = 1\n'
+    )
+    result = run_from_cli(toml, resume=False)
+    assert result.output_dir == tmp_path / "out"
+    assert result.steps == 2 and len(_rows(result.log_csv)) == 2
+
+
+def test_shuffled_batches_depend_only_on_seed_and_epoch():
+    s = ShuffledBatchSampler(23, 5, seed=4)
+    s.set_epoch(2)
+    a = list(s)
+    assert len(a) == len(s) == 4 and all(len(b) == 5 for b in a)
+    assert len({i for b in a for i in b}) == 20
+    s.set_epoch(3)
+    assert list(s) != a
+    s.set_epoch(2)
+    assert list(s) == a
+    shards = [list(ShuffledBatchSampler(23, 5, seed=4, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 2
+    assert not {i for b in shards[0] for i in b} & {i for b in shards[1] for i in b}
+
+
+def test_registry_classifier_loss_trains_on_shuffled_batches(faces, tmp_path):
+    torch.set_num_threads(1)
+    cfg = _config(faces, tmp_path / "arc", "test_normsoftmax", max_steps=12, log_every=3)
+    cfg.loss.name, cfg.loss.params = "arcface", {"scale": 16.0, "margin": 0.2}
+    result = train(cfg, progress=False)
+    assert type(result.loss).__name__ == "ArcFaceLoss"
+    assert result.loss.weight.shape[0] == IDENTITIES
+    # 24 images / batch 8 = 3 shuffled batches per epoch
+    assert result.epochs == 4
+    assert np.mean(result.losses[-3:]) < np.mean(result.losses[:3])
+    state = load_checkpoint(result.checkpoint)
+    assert torch.equal(state["loss"]["weight"], result.loss.weight.detach())

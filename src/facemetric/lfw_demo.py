@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from facemetric.training.checkpoint import list_checkpoints
+from facemetric.training.checkpoint import atomic_write, list_checkpoints
 
 #: the demo's training run; paths and the step budget are filled in by ``run_lfw_demo``
 DEMO_CONFIG: dict[str, Any] = {
@@ -225,7 +225,8 @@ def run_lfw_demo(
             for m in metrics
         ],
     }
-    (out_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    text = (json.dumps(summary, indent=2) + "\n").encode()
+    atomic_write(out_dir / "demo_summary.json", lambda f: f.write(text))
     return demo
 
 

@@ -20,6 +20,7 @@ returns a :class:`DDPContext`. Nothing happens at import time. Under it the trai
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -83,8 +84,15 @@ class DDPContext(DistributedContext):
             dist.barrier()
 
     def destroy(self) -> None:
-        """End the process group (idempotent)."""
+        """End the process group (idempotent).
+
+        Every rank first waits at a barrier (rank 0 may still be writing its checkpoint), and
+        objects that hold the group — DDP's reducer sits in reference cycles — are collected
+        while it is alive: freed after it, at interpreter exit, they can abort the process.
+        """
         if dist.is_initialized():
+            dist.barrier()
+            gc.collect()
             dist.destroy_process_group()
 
 

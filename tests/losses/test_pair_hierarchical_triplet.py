@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from structured_toy import nn_accuracy, toy_problem
 
 from facemetric.losses.pair.hierarchical_triplet import (
     AnchorNeighborSampler,
@@ -335,24 +336,8 @@ def test_sampler_skips_tree_classes_missing_from_its_labels():
 # ---------------------------------------------------------------------------- optimisation
 
 
-def _nn_accuracy(e: torch.Tensor, y: torch.Tensor) -> float:
-    d = torch.cdist(e, e)
-    d.fill_diagonal_(float("inf"))
-    return float((y[d.argmin(1)] == y).double().mean())
-
-
-def _toy_problem():
-    """4 classes × 8 points in 8-d: class signal in 2 dims, large noise in the other 6."""
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(4).repeat_interleave(8)
-    signal = torch.zeros(4, 8)
-    signal[:, :2] = 1.5 * torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
-    noise = torch.randn(32, 8, generator=g) * torch.tensor([0.3, 0.3] + [3.0] * 6)
-    return signal[y] + noise, y
-
-
-def test_optimisation_lowers_loss_and_raises_nn_accuracy():
-    x, y = _toy_problem()
+def test_optimisation_lowers_loss_and_raisesnn_accuracy():
+    x, y = toy_problem()
     model = torch.nn.Linear(8, 8)
     with torch.no_grad():
         model.weight.copy_(torch.eye(8))
@@ -362,7 +347,7 @@ def test_optimisation_lowers_loss_and_raises_nn_accuracy():
     with torch.no_grad():
         first_tree = ClassTree.build(model(x), y, num_levels=4)
         loss_fn.tree = first_tree
-        before, acc_before = float(loss_fn(model(x), y)), _nn_accuracy(model(x), y)
+        before, acc_before = float(loss_fn(model(x), y)), nn_accuracy(model(x), y)
     for step in range(200):
         if step % 50 == 49:  # the epoch-level tree, rebuilt from the current embeddings
             with torch.no_grad():
@@ -372,6 +357,6 @@ def test_optimisation_lowers_loss_and_raises_nn_accuracy():
         opt.step()
     loss_fn.tree = first_tree  # judge both ends with the same margins
     with torch.no_grad():
-        after, acc_after = float(loss_fn(model(x), y)), _nn_accuracy(model(x), y)
+        after, acc_after = float(loss_fn(model(x), y)), nn_accuracy(model(x), y)
     assert after < 0.25 * before
     assert acc_before <= 0.5 and acc_after >= 0.9

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from structured_toy import nn_accuracy, toy_problem
 
 from facemetric.losses.pair.magnet import MagnetBatchSampler, MagnetClusterIndex, MagnetLoss
 from facemetric.tuples import Triplets
@@ -196,24 +197,8 @@ def test_neighbourhood_sampler_takes_seed_and_nearest_impostors():
 # ---------------------------------------------------------------------------- optimisation
 
 
-def _nn_accuracy(e: torch.Tensor, y: torch.Tensor) -> float:
-    d = torch.cdist(e, e)
-    d.fill_diagonal_(float("inf"))
-    return float((y[d.argmin(1)] == y).double().mean())
-
-
-def _toy_problem():
-    """4 classes × 8 points in 8-d: class signal in 2 dims, large noise in the other 6."""
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(4).repeat_interleave(8)
-    signal = torch.zeros(4, 8)
-    signal[:, :2] = 1.5 * torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
-    noise = torch.randn(32, 8, generator=g) * torch.tensor([0.3, 0.3] + [3.0] * 6)
-    return signal[y] + noise, y
-
-
-def test_optimisation_lowers_loss_and_raises_nn_accuracy():
-    x, y = _toy_problem()
+def test_optimisation_lowers_loss_and_raisesnn_accuracy():
+    x, y = toy_problem()
     model = torch.nn.Linear(8, 8)
     with torch.no_grad():
         model.weight.copy_(torch.eye(8))
@@ -222,7 +207,7 @@ def test_optimisation_lowers_loss_and_raises_nn_accuracy():
     index = MagnetClusterIndex(clusters_per_class=2, seed=0)
     opt = torch.optim.Adam(model.parameters(), lr=0.02)
     with torch.no_grad():
-        before, acc_before = float(loss_fn(model(x), y)), _nn_accuracy(model(x), y)
+        before, acc_before = float(loss_fn(model(x), y)), nn_accuracy(model(x), y)
     for step in range(150):
         if step % 50 == 0:  # the epoch-level clusters
             with torch.no_grad():
@@ -231,6 +216,6 @@ def test_optimisation_lowers_loss_and_raises_nn_accuracy():
         loss_fn(model(x), y, cluster_ids=index.assignments).backward()
         opt.step()
     with torch.no_grad():
-        after, acc_after = float(loss_fn(model(x), y)), _nn_accuracy(model(x), y)
+        after, acc_after = float(loss_fn(model(x), y)), nn_accuracy(model(x), y)
     assert after < 0.25 * before
     assert acc_before <= 0.5 and acc_after >= 0.9

@@ -2,33 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from miner_reference import ref_dist
 from pytorch_metric_learning import distances as pml_distances
 from pytorch_metric_learning import miners as pml_miners
 
 from facemetric.distances import CosineDistance, EuclideanDistance
 from facemetric.miners import BatchAllMiner
 from facemetric.tuples import Triplets
-
-
-def _ref_dist(x: torch.Tensor, kind: str) -> list[list[float]]:
-    rows = x.tolist()
-    out = []
-    for a in rows:
-        line = []
-        for b in rows:
-            if kind == "euclidean":
-                line.append(math.sqrt(sum((u - v) ** 2 for u, v in zip(a, b, strict=True))))
-            else:
-                dot = sum(u * v for u, v in zip(a, b, strict=True))
-                na = math.sqrt(sum(u * u for u in a))
-                nb = math.sqrt(sum(v * v for v in b))
-                line.append(1.0 - dot / (na * nb))
-        out.append(line)
-    return out
 
 
 def _reference(d: list[list[float]], labels: list[int], margin: float) -> list[tuple]:
@@ -65,7 +47,7 @@ def _distance(kind: str) -> EuclideanDistance | CosineDistance:
 def test_matches_loop_reference(kind, seed, margin):
     x, labels = _batch(seed)
     got = _as_list(BatchAllMiner(margin, _distance(kind))(x, labels))
-    want = _reference(_ref_dist(x, kind), labels.tolist(), margin)
+    want = _reference(ref_dist(x, kind), labels.tolist(), margin)
     assert got == want  # same triplets, in (a, p, n) order
     assert 0 < len(want) < len(labels) ** 3  # the margin really selects
 

@@ -7,33 +7,15 @@ pml's ``TripletMarginMiner(type_of_triplets="semihard")`` returns *every* semi-h
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from miner_reference import ref_dist
 from pytorch_metric_learning import distances as pml_distances
 from pytorch_metric_learning import miners as pml_miners
 
 from facemetric.distances import CosineDistance, EuclideanDistance
 from facemetric.miners import SemiHardMiner
 from facemetric.tuples import Triplets
-
-
-def _ref_dist(x: torch.Tensor, kind: str) -> list[list[float]]:
-    rows = x.tolist()
-    out = []
-    for a in rows:
-        line = []
-        for b in rows:
-            if kind == "euclidean":
-                line.append(math.sqrt(sum((u - v) ** 2 for u, v in zip(a, b, strict=True))))
-            else:
-                dot = sum(u * v for u, v in zip(a, b, strict=True))
-                na = math.sqrt(sum(u * u for u in a))
-                nb = math.sqrt(sum(v * v for v in b))
-                line.append(1.0 - dot / (na * nb))
-        out.append(line)
-    return out
 
 
 def _reference(d: list[list[float]], labels: list[int], margin: float) -> list[tuple]:
@@ -74,7 +56,7 @@ def _distance(kind: str) -> EuclideanDistance | CosineDistance:
 @pytest.mark.parametrize(("seed", "margin"), [(0, 0.2), (1, 0.5), (2, 0.1)])
 def test_matches_loop_reference(kind, seed, margin):
     x, labels = _batch(seed)
-    d = _ref_dist(x, kind)
+    d = ref_dist(x, kind)
     got = _as_list(SemiHardMiner(margin, _distance(kind))(x, labels))
     want = _reference(d, labels.tolist(), margin)
     assert got == want
@@ -95,7 +77,7 @@ def test_matches_hardest_of_pytorch_metric_learning_semihard(kind):
         margin, type_of_triplets="semihard", distance=pml_distance
     )
     a, p, n = miner(x, labels)
-    d = _ref_dist(x, kind)
+    d = ref_dist(x, kind)
     hardest: dict[tuple[int, int], int] = {}
     for ai, pi, ni in zip(a.tolist(), p.tolist(), n.tolist(), strict=True):
         if (ai, pi) not in hardest or d[ai][ni] < d[ai][hardest[(ai, pi)]]:

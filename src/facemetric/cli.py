@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", required=True, help="data root (holds orl/, lfw/, cfp/)")
     demo.add_argument("--out", default="runs/demo", help="output folder (plots, logs)")
     demo.add_argument("--cache", default="cache", help="aligned faces, reused across runs")
-    demo.add_argument("--steps", type=int, default=None, help="training steps (default 400)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default 680)")
     demo.set_defaults(func=_cmd_demo)
 
     train = sub.add_parser("train", help="train a face-embedding model from a TOML config")

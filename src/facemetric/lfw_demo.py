@@ -12,9 +12,9 @@
    from CFP's hand-labelled fiducials, since profiles defeat frontal detectors), writing
    each report (markdown, JSON, ROC and score plots).
 
-The defaults (``DEMO_CONFIG``: 64×64 MobileFaceNet, 400 steps of 128 faces) were sized for
-about 15 minutes of training on 2 cores (55.8 img/s measured, against 56.6 img/s for the bare
-forward + backward + optimiser step on an in-memory batch).
+The defaults (``DEMO_CONFIG``: 64×64 MobileFaceNet in NHWC layout, ArcFace s = 32, m = 0.3,
+SGD, 680 steps of 128 faces) are sized for 20 minutes of training on 2 cores (about 74 img/s;
+the measured runs and the variants that did worse are in ``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ DEMO_CONFIG: dict[str, Any] = {
     "model": {"name": "mobilefacenet", "embedding_size": 256, "options": {"input_size": 64}},
     "loss": {"name": "arcface", "scale": 32.0, "margin": 0.3},
     "optimizer": {"name": "sgd", "lr": 0.1, "weight_decay": 5e-4, "momentum": 0.9},
-    "schedule": {"name": "cosine", "warmup_steps": 40},
+    "schedule": {"name": "cosine", "warmup_steps": 60},
     "batch": {"size": 128},
     "train": {
-        "max_steps": 400,
+        "max_steps": 680,
         "grad_clip": 5.0,
         "checkpoint_every": 250,
         "keep_checkpoints": 2,
@@ -134,7 +134,7 @@ def run_lfw_demo(
             ``cfp/``.
         out_dir: training run (``train/``) and reports (``eval_*``).
         cache_dir: aligned faces (``lfw112/``, ``cfp112/``), reused across runs.
-        max_steps: override the training budget (``DEMO_CONFIG``'s 400 steps of 128).
+        max_steps: override the training budget (``DEMO_CONFIG``'s 680 steps of 128).
         workers: alignment processes (default: the machine's cores).
         progress: progress bars.
 

@@ -228,3 +228,33 @@ def test_shards_cover_the_classes_and_load_a_full_weight() -> None:
     state["weight"] = full
     shard.load_state_dict(state)
     assert torch.equal(shard.weight.detach(), full[4:7])
+
+
+def test_sparse_grad_equals_the_dense_gradient_on_the_sampled_rows() -> None:
+    torch.manual_seed(0)
+    dense = PartialFC(N, D, ArcMargin(0.4), 16.0, sample_rate=0.25, seed=5).double()
+    sparse = PartialFC(N, D, ArcMargin(0.4), 16.0, sample_rate=0.25, seed=5,
+                       sparse_grad=True).double()
+    sparse.load_state_dict(dense.state_dict())
+    x, y = _batch(7)
+    x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    a, b = dense(x1, y), sparse(x2, y)
+    a.backward()
+    b.backward()
+    assert torch.equal(dense.last_sampled, sparse.last_sampled)
+    assert b.item() == pytest.approx(a.item(), rel=1e-14)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-12, atol=1e-14)
+    grad = sparse.weight.grad
+    assert grad is not None and grad.is_sparse
+    grad = grad.coalesce()
+    # exactly the sampled rows are stored, and they hold the dense gradient's values
+    assert torch.equal(grad.indices()[0], sparse.last_sampled)
+    torch.testing.assert_close(grad.to_dense(), dense.weight.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_sparse_grad_in_eval_mode_or_at_rate_one_is_dense() -> None:
+    pfc = PartialFC(N, D, ArcMargin(0.4), 16.0, sample_rate=1.0, sparse_grad=True)
+    x, y = _batch(8)
+    pfc(x.float(), y).backward()
+    assert pfc.weight.grad is not None and not pfc.weight.grad.is_sparse
+    assert "sparse_grad=True" in repr(pfc)

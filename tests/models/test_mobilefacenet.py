@@ -113,3 +113,25 @@ def test_smaller_input_size_shrinks_only_the_global_depthwise_conv():
         small(torch.randn(1, 3, 112, 112))
     with pytest.raises(ValueError, match="multiple of 16"):
         build_model("mobilefacenet", input_size=100)
+
+
+def test_dropout_acts_in_training_only_and_keeps_the_checkpoint_keys():
+    plain = build_model("mobilefacenet", embedding_size=16, input_size=32)
+    dropped = build_model("mobilefacenet", embedding_size=16, input_size=32, dropout=0.5)
+    assert plain.state_dict().keys() == dropped.state_dict().keys()
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    plain.eval()
+    dropped.eval()
+    with torch.no_grad():
+        assert torch.equal(plain(x), dropped(x))  # identity at evaluation
+    # in training, dropout zeroes about half of the 512 pooled features seen by the embedding
+    features = []
+    dropped.train()
+    handle = dropped.embed.register_forward_hook(lambda m, inp, out: features.append(inp[0]))
+    dropped(x)
+    handle.remove()
+    zero = (features[0] == 0).float().mean().item()
+    assert 0.4 < zero < 0.6
+    with pytest.raises(ValueError, match="dropout"):
+        build_model("mobilefacenet", dropout=1.0)

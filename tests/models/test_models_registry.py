@@ -36,7 +36,7 @@ def test_bad_embedding_size_raises(size):
 
 def test_unknown_option_is_a_type_error():
     with pytest.raises(TypeError):
-        build_model("mobilefacenet", dropout=0.2)  # MobileFaceNet has no dropout option
+        build_model("mobilefacenet", zero_init_residual=True)  # an IResNet-only option
 
 
 def test_register_custom_model_and_refuse_duplicates(monkeypatch):

@@ -149,3 +149,19 @@ def test_model_builder_small_cnn_and_registry_errors():
         build_model(ModelConfig(name="resnet9000"))
     with pytest.raises(ValueError, match="unknown parameter"):
         build_model(ModelConfig(name="small_cnn", options={"depth": 3}))
+
+
+def test_sgd_becomes_row_sparse_for_sparse_partial_fc_and_adamw_is_refused():
+    from facemetric.heads import PartialFC
+    from facemetric.losses.margins import ArcMargin
+    from facemetric.training import RowSparseSGD
+
+    model = nn.Linear(4, 3)
+    sparse = PartialFC(10, 3, ArcMargin(0.3), 8.0, sample_rate=0.3, sparse_grad=True)
+    dense = PartialFC(10, 3, ArcMargin(0.3), 8.0, sample_rate=0.3)
+    assert type(build_optimizer(OptimizerConfig(name="sgd"), [model, sparse])) is RowSparseSGD
+    assert type(build_optimizer(OptimizerConfig(name="sgd"), [model, dense])) is torch.optim.SGD
+    assert isinstance(build_optimizer(OptimizerConfig(name="adamw"), [model, dense]),
+                      torch.optim.AdamW)
+    with pytest.raises(ValueError, match="cannot take sparse gradients"):
+        build_optimizer(OptimizerConfig(name="adamw"), [model, sparse])

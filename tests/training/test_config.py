@@ -132,6 +132,8 @@ def test_type_errors_are_explained(tmp_path, text, pattern):
     ("[augment]\ncrop_scale = [0.9, 0.5]", "crop_scale must be"),
     ("[train]\ngrad_clip = 0", "grad_clip must be > 0"),
     ("[train]\nmax_steps = 0", "max_steps must be >= 1"),
+    ('[optimizer]\nname = "adamw"\n[partial_fc]\nsample_rate = 0.1\nsparse_update = true',
+     'sparse_update needs \\[optimizer\\] name = "sgd"'),
     ("x = [", "invalid TOML"),
 ])
 def test_out_of_range_values_are_refused(tmp_path, text, pattern):

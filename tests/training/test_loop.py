@@ -67,7 +67,9 @@ def faces(tmp_path_factory) -> Path:
 
 
 def _config(data: Path, out: Path, loss: str = "triplet", **train_overrides):
-    pair = loss != "test_normsoftmax"
+    pfc = loss == "arcface_pfc"  # ArcFace through Partial FC (sparse centre updates)
+    loss = "arcface" if pfc else loss
+    pair = loss not in ("test_normsoftmax", "arcface")
     raw = {
         "seed": 3,
         "output_dir": str(out),
@@ -83,6 +85,9 @@ def _config(data: Path, out: Path, loss: str = "triplet", **train_overrides):
         "train": {"max_steps": 10, "checkpoint_every": 5, "log_every": 2, "grad_clip": 5.0,
                   **train_overrides},
     }
+    if pfc:
+        raw["partial_fc"] = {"sample_rate": 0.5}
+        raw["loss"] = {"name": "arcface", "scale": 16.0, "margin": 0.2}
     return config_from_dict(raw)
 
 
@@ -145,6 +150,7 @@ def _dropout_model() -> nn.Module:
 @pytest.mark.parametrize(("loss", "workers_after_resume", "dropout"), [
     ("triplet", 0, True),  # P×K batches, global RNG used by dropout
     ("test_normsoftmax", 1, False),  # shuffled batches, class centres; a worker on resume
+    ("arcface_pfc", 0, False),  # Partial FC: sampled centres, sparse rows, RowSparseSGD
 ])
 def test_resume_is_exact(faces, tmp_path, loss, workers_after_resume, dropout):
     torch.set_num_threads(1)
@@ -169,6 +175,8 @@ def test_resume_is_exact(faces, tmp_path, loss, workers_after_resume, dropout):
     cfg.data.num_workers = workers_after_resume
     resumed = train(cfg, resume=True, model=model(), progress=False)
     assert resumed.resumed_from == 5
+    if loss == "arcface_pfc":
+        assert resumed.loss.sparse_grad  # [partial_fc] sparse_update defaults on with SGD
     assert resumed.losses == straight.losses  # bitwise, whole sequence
     assert seen == straight.losses[:7]
     for name, value in _params(straight.model).items():
@@ -285,3 +293,19 @@ def test_registry_classifier_loss_trains_on_shuffled_batches(faces, tmp_path):
     assert np.mean(result.losses[-3:]) < np.mean(result.losses[:3])
     state = load_checkpoint(result.checkpoint)
     assert torch.equal(state["loss"]["weight"], result.loss.weight.detach())
+
+
+def test_augmentation_seeds_differ_across_processes():
+    from facemetric.data.transforms import sample_seeds
+    from facemetric.training.loop import _SeededBatches
+
+    def seeds(rank: int, replicas: int) -> list[list[int]]:
+        sampler = ShuffledBatchSampler(40, 4, seed=1, num_replicas=replicas, rank=rank)
+        return [[s for _, s in batch] for batch in _SeededBatches(sampler, 7, 2, 0)]
+
+    one = seeds(0, 1)
+    assert one == [sample_seeds(7, 2, b, 4) for b in range(10)]
+    r0, r1 = seeds(0, 2), seeds(1, 2)
+    assert len(r0) == len(r1) == 5
+    # each process's batch b is the global batch 2b + rank: its own augmentation draws
+    assert r0 == one[0::2] and r1 == one[1::2]

@@ -270,7 +270,8 @@ def _run_one(
     model = build_model(config.model)
     loss = build_loss(config.loss, num_classes, config.model.embedding_size)
     device = DistributedContext().device(config.train.device)
-    embedder = Embedder(model, config.data.image_size, device=device)
+    embedder = Embedder(model, config.data.image_size, device=device,
+                        channels_last=config.train.channels_last)
     result = RunResult(name, config_path, Path(config.output_dir), config.loss.name, 0, [], [])
     clock = {"start": 0.0, "eval": 0.0}
 

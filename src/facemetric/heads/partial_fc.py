@@ -30,16 +30,18 @@ already a mean over the global batch, the gradient returned to each process's em
 ``W·∂ℓ/∂x`` by default (``ddp_averaging=True``), so the averaged backbone gradient is
 exactly ``∂ℓ/∂θ`` — the same as one process on the whole batch.
 
-**Gradients and the optimiser.** ``.weight`` is one dense parameter; only the sampled rows
-get a non-zero gradient (the others get exact zeros). Use it with plain SGD: an un-sampled
-row then moves only by what its momentum buffer still holds (``μ^k`` of the last update
-``k`` steps after it was last sampled) and by weight decay, which only shrinks ``‖w_c‖`` —
-the loss uses ``w_c/‖w_c‖``, so decay changes a centre's effective step size, not its
-direction. This is the dense-momentum variant; it keeps every optimiser and checkpoint
-unchanged. (The paper's first implementation instead froze the momentum of un-sampled rows;
-the two differ only in how long a stale update keeps acting, and both train.) Adaptive
-optimisers (Adam) are not recommended on ``.weight``: zero gradients still update their
-second-moment estimates.
+**Gradients and the optimiser.** ``.weight`` is one parameter. By default
+(``sparse_grad=False``) its gradient is dense: the sampled rows carry their gradient, the
+others exact zeros, which any optimiser takes but costs an ``(N, D)`` tensor per step. With
+``sparse_grad=True`` the sampled rows are read through ``F.embedding(..., sparse=True)`` and
+the gradient is a sparse tensor of the ``S`` sampled rows: train it with
+:class:`facemetric.training.RowSparseSGD`, which updates just those rows and their momentum
+("lazy" momentum — the paper's first implementation froze the momentum of un-sampled rows
+too), so the step costs ``O(S·D)``, not ``O(N·D)``. With dense gradients and plain SGD an
+un-sampled row still moves by what its momentum holds (``μ^k`` of its last update, ``k``
+steps on) and by weight decay, which only shrinks ``‖w_c‖`` — the loss uses ``w_c/‖w_c‖``.
+Adaptive optimisers (Adam) are not recommended on ``.weight``: zero gradients still update
+their second-moment estimates.
 
 Sampling is reproducible: the generator of step ``t`` on rank ``r`` is seeded from
 ``(seed, t, r)`` (``t`` is the buffer ``.step``, counted by training-mode forwards and saved
@@ -106,6 +108,8 @@ class PartialFC(nn.Module):
             averaging of backbone gradients yields the gradient of the global-batch loss
             (set False if the backbone's gradients are summed over processes instead).
         chunk_size: weight rows per chunk of the one-process head (speed only).
+        sparse_grad: give ``.weight`` a sparse gradient holding only the sampled rows (for
+            :class:`~facemetric.training.RowSparseSGD`; see the module docstring).
 
     ``forward(embeddings (B, D), labels (B,) in [0, N)) -> loss`` (0-d, mean over the batch;
     over the global batch when ``world_size > 1``).
@@ -127,6 +131,7 @@ class PartialFC(nn.Module):
         seed: int = 0,
         ddp_averaging: bool = True,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        sparse_grad: bool = False,
     ) -> None:
         super().__init__()
         if int(num_classes) != num_classes or num_classes < 2:
@@ -153,6 +158,7 @@ class PartialFC(nn.Module):
         self.seed = int(seed)
         self.ddp_averaging = bool(ddp_averaging)
         self.chunk_size = int(chunk_size)
+        self.sparse_grad = bool(sparse_grad)
         init = torch.Generator().manual_seed(_mix_seed(self.seed, 0x1417, self.rank))
         bound = 1.0 / math.sqrt(self.embedding_size)
         weight = torch.rand(self.num_local, self.embedding_size, generator=init)
@@ -172,6 +178,7 @@ class PartialFC(nn.Module):
         process_group: Any = None,
         seed: int = 0,
         ddp_averaging: bool = True,
+        sparse_grad: bool = False,
     ) -> PartialFC:
         """Partial FC with the margin, scale and centres (this rank's rows) of a built
         classifier loss (``ArcFaceLoss``, ``CosFaceLoss``, ``CombinedMarginLoss`` ...).
@@ -206,6 +213,7 @@ class PartialFC(nn.Module):
             seed=seed,
             ddp_averaging=ddp_averaging,
             chunk_size=loss.chunk_size,
+            sparse_grad=sparse_grad,
         )
         stop = pfc.class_start + pfc.num_local
         with torch.no_grad():
@@ -261,7 +269,12 @@ class PartialFC(nn.Module):
             index, targets = None, labels - self.class_start
         rows = torch.arange(self.num_local, device=labels.device) if index is None else index
         self.last_sampled = rows + self.class_start
-        weight = self.weight if index is None else self.weight[index]
+        if index is None:
+            weight = self.weight
+        elif self.sparse_grad:  # the gradient: a sparse tensor of the sampled rows
+            weight = F.embedding(index, self.weight, sparse=True)
+        else:
+            weight = self.weight[index]
         if self.world_size == 1:
             return margin_cross_entropy(
                 embeddings, weight, targets, self.margin, self.scale,
@@ -319,7 +332,7 @@ class PartialFC(nn.Module):
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, "
             f"scale={self.scale}, sample_rate={self.sample_rate}, rank={self.rank}, "
             f"world_size={self.world_size}, classes=[{self.class_start}, "
-            f"{self.class_start + self.num_local})"
+            f"{self.class_start + self.num_local}), sparse_grad={self.sparse_grad}"
         )
 
 

@@ -18,12 +18,15 @@ from facemetric.training.loop import (
     run_from_cli,
     train,
 )
+from facemetric.training.row_sparse_sgd import RowSparseSGD, clip_grad_norm
 
 __all__ = [
     "DistributedContext",
+    "RowSparseSGD",
     "StepInfo",
     "TrainConfig",
     "TrainResult",
+    "clip_grad_norm",
     "config_from_dict",
     "latest_checkpoint",
     "load_checkpoint",

@@ -33,6 +33,7 @@ from facemetric.training.config import (
     OptimizerConfig,
     ScheduleConfig,
 )
+from facemetric.training.row_sparse_sgd import RowSparseSGD
 
 logger = logging.getLogger(__name__)
 
@@ -227,10 +228,17 @@ def build_loss(config: LossConfig, num_classes: int, embedding_size: int) -> nn.
 
 
 def build_partial_fc(
-    loss: nn.Module, sample_rate: float, *, rank: int = 0, world_size: int = 1, seed: int = 0
+    loss: nn.Module,
+    sample_rate: float,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    sparse_grad: bool = False,
 ) -> nn.Module:
     """``PartialFC.from_loss``: the built classifier loss's margin, scale and centres (this
-    rank's shard when ``world_size > 1``), sampling ``sample_rate`` of the centres per step.
+    rank's shard when ``world_size > 1``), sampling ``sample_rate`` of the centres per step;
+    ``sparse_grad`` gives the centres a sparse gradient (train with ``RowSparseSGD``).
 
     Raises:
         ValueError: the loss is not a normalised-centre classifier loss with a constant scale
@@ -240,7 +248,8 @@ def build_partial_fc(
 
     try:
         return PartialFC.from_loss(
-            loss, sample_rate, rank=rank, world_size=world_size, seed=seed  # type: ignore[arg-type]
+            loss, sample_rate, rank=rank, world_size=world_size, seed=seed,  # type: ignore[arg-type]
+            sparse_grad=sparse_grad,
         )
     except ValueError as err:
         raise ValueError(f"[partial_fc]: {err}") from err
@@ -290,13 +299,26 @@ def parameter_groups(
 
 def build_optimizer(config: OptimizerConfig, modules: Iterable[nn.Module]) -> torch.optim.Optimizer:
     """SGD or AdamW over the parameters of ``modules`` — the backbone *and* the loss (a
-    classifier loss's ``.weight``, a learned distance)."""
+    classifier loss's ``.weight``, a learned distance).
+
+    SGD is :class:`~facemetric.training.RowSparseSGD` when a module has ``sparse_grad`` set
+    (Partial FC's sparse update); it is ``torch.optim.SGD`` on dense gradients.
+
+    Raises:
+        ValueError: nothing to optimise, an unknown name, or AdamW with sparse gradients.
+    """
+    modules = list(modules)
+    sparse = any(getattr(m, "sparse_grad", False) for mod in modules for m in mod.modules())
     groups = parameter_groups(modules, config.weight_decay, config.decay_all)
     if not groups:
         raise ValueError("nothing to optimise: the model and loss have no trainable parameters")
     if config.name == "sgd":
-        return torch.optim.SGD(
-            groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov
+        sgd = RowSparseSGD if sparse else torch.optim.SGD
+        return sgd(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+    if sparse:
+        raise ValueError(
+            f"optimizer {config.name!r} cannot take sparse gradients (Partial FC's "
+            "sparse_update): use sgd, or set [partial_fc] sparse_update = false"
         )
     if config.name == "adamw":
         b1, b2 = config.betas

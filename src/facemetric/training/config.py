@@ -139,7 +139,10 @@ class TrainLoopConfig:
     ``max_steps`` (if given) overrides ``epochs``. ``amp`` uses ``torch.autocast`` on CUDA
     with ``amp_dtype``; on CPU it is only used for ``bf16``. ``grad_clip`` is the maximum
     global gradient norm (``None``: no clipping). ``checkpoint_every`` / ``log_every`` are
-    in steps; the last ``keep_checkpoints`` checkpoints are kept.
+    in steps; the last ``keep_checkpoints`` checkpoints are kept. ``channels_last`` stores
+    the backbone's weights and the image batches in NHWC layout: the same arithmetic,
+    about 1.5× the throughput of a 64×64 MobileFaceNet on 2 CPU cores (measured in
+    ``docs/benchmarks.md``), and what tensor cores want under AMP.
     """
 
     epochs: int = 1
@@ -151,6 +154,7 @@ class TrainLoopConfig:
     keep_checkpoints: int = 3
     log_every: int = 50
     device: str = "auto"
+    channels_last: bool = True
 
 
 @dataclass
@@ -159,9 +163,15 @@ class PartialFCConfig:
     loss named in ``[loss]`` (ArcFace, CosFace, combined margin ...) keeps its margin and
     scale but each step uses only the batch's positive centres plus a uniformly sampled
     ``sample_rate`` fraction of the others; under torchrun the centres are sharded over the
-    processes. Unset (the default): the plain loss."""
+    processes. Unset (the default): the plain loss.
+
+    ``sparse_update``: the centres get a sparse gradient of the sampled rows and a lazy
+    row-wise SGD step (:class:`~facemetric.training.RowSparseSGD`), so a step's optimiser
+    work scales with the sample, not with the number of identities. Unset: on with
+    ``[optimizer] name = "sgd"``, off with AdamW (which needs dense gradients)."""
 
     sample_rate: float | None = None
+    sparse_update: bool | None = None
 
 
 @dataclass
@@ -426,6 +436,9 @@ def check_config(config: TrainConfig, source: str = "config") -> None:
     _need(t.device in DEVICES, f"{s}: [train] device must be one of {DEVICES}, got "
           f"{t.device!r}")
     rate = config.partial_fc.sample_rate
+    _need(not (config.partial_fc.sparse_update and config.optimizer.name != "sgd"),
+          f"{s}: [partial_fc] sparse_update needs [optimizer] name = \"sgd\" (the row-wise "
+          f"step is SGD's); got {config.optimizer.name!r} — drop sparse_update to use it")
     _need(rate is None or 0 < rate <= 1,
           f"{s}: [partial_fc] sample_rate must be in (0, 1], got {rate}")
     mi = config.mining

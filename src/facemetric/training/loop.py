@@ -68,6 +68,7 @@ from facemetric.training.checkpoint import (
     save_checkpoint,
 )
 from facemetric.training.config import TrainConfig, load_config
+from facemetric.training.row_sparse_sgd import clip_grad_norm
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +181,9 @@ class ShuffledBatchSampler(Sampler[list[int]]):
 
 class _SeededBatches(Sampler[list[tuple[int, int]]]):
     """One epoch of ``sampler`` from batch ``skip`` on, each index paired with its
-    augmentation seed ``sample_seeds(seed, epoch, batch, ·)``."""
+    augmentation seed ``sample_seeds(seed, epoch, g, ·)``, where ``g = batch·R + rank`` is
+    the batch's number over all ``R`` processes (the sampler's ``num_replicas``/``rank``):
+    processes draw different augmentations, and one process (``R = 1``) numbers ``g = batch``."""
 
     def __init__(self, sampler: Any, seed: int, epoch: int, skip: int) -> None:
         super().__init__()
@@ -193,7 +196,9 @@ class _SeededBatches(Sampler[list[tuple[int, int]]]):
         for b, batch in enumerate(self.sampler):
             if b < self.skip:
                 continue
-            seeds = sample_seeds(self.seed, self.epoch, b, len(batch))
+            replicas = int(getattr(self.sampler, "num_replicas", 1))
+            number = b * replicas + int(getattr(self.sampler, "rank", 0))
+            seeds = sample_seeds(self.seed, self.epoch, number, len(batch))
             yield list(zip(batch, seeds, strict=True))
 
 
@@ -502,9 +507,15 @@ def train(
                 raise ValueError(
                     f"[partial_fc] needs a classifier loss, not {config.loss.name!r}"
                 )
+            sparse = config.partial_fc.sparse_update
+            if sparse is None:
+                sparse = config.optimizer.name == "sgd"
             loss = build_partial_fc(loss, config.partial_fc.sample_rate, rank=ctx.rank,
-                                    world_size=ctx.world_size, seed=config.seed)
+                                    world_size=ctx.world_size, seed=config.seed,
+                                    sparse_grad=sparse)
     model.to(device)
+    memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)  # a no-op for parameters that are not 4-d
     loss.to(device)
     optimizer = build_optimizer(config.optimizer, [model, loss])
     scheduler = build_scheduler(optimizer, config.schedule, total_steps)
@@ -594,6 +605,8 @@ def train(
                 net.train()
                 loss.train()
                 images = images.to(device, non_blocking=True)
+                if images.dim() == 4:
+                    images = images.contiguous(memory_format=memory_format)
                 targets = targets.to(device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
@@ -607,7 +620,7 @@ def train(
                 scaler.scale(value).backward()
                 if config.train.grad_clip is not None:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, config.train.grad_clip)
+                    clip_grad_norm(params, config.train.grad_clip)
                 lr = float(optimizer.param_groups[0]["lr"])
                 scaler.step(optimizer)
                 scaler.update()

@@ -91,7 +91,8 @@ class Embedder:
         device: ``"cpu"``, ``"cuda"``, ``"auto"`` or a ``torch.device``; the model is moved.
         workers: threads decoding image files (PIL releases the GIL while decoding).
         channels_last: run the model in NHWC layout (the model's weights are converted in
-            place; the numbers are the same, a CPU forward pass about 1.5× faster).
+            place; the numbers are the same, a CPU training step 1.47× faster, see
+            ``docs/benchmarks.md``).
 
     ``failures`` lists the images the most recent ``embed_*`` call could not load.
     The model's training mode is restored after every call, so an ``Embedder`` can wrap a
@@ -115,7 +116,7 @@ class Embedder:
         self.device = _device(device)
         self.model = model.to(self.device)
         self._layout = torch.channels_last if channels_last else torch.contiguous_format
-        self.model.to(memory_format=self._layout)  # NHWC: ~1.5× faster on CPU
+        self.model.to(memory_format=self._layout)
         self.image_size = int(image_size)
         self.workers = int(workers)
         self.metadata: dict[str, Any] = dict(metadata or {})

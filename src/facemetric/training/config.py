@@ -141,8 +141,8 @@ class TrainLoopConfig:
     global gradient norm (``None``: no clipping). ``checkpoint_every`` / ``log_every`` are
     in steps; the last ``keep_checkpoints`` checkpoints are kept. ``channels_last`` stores
     the backbone's weights and the image batches in NHWC layout: the same arithmetic,
-    about 1.5× the throughput of a 64×64 MobileFaceNet on 2 CPU cores (measured in
-    ``docs/benchmarks.md``), and what tensor cores want under AMP.
+    1.47× the bare training-step throughput of a 64×64 MobileFaceNet on 2 CPU cores, 1.32×
+    the whole loop's (``docs/benchmarks.md``), and the layout tensor cores want under AMP.
     """
 
     epochs: int = 1
@@ -438,7 +438,7 @@ def check_config(config: TrainConfig, source: str = "config") -> None:
     rate = config.partial_fc.sample_rate
     _need(not (config.partial_fc.sparse_update and config.optimizer.name != "sgd"),
           f"{s}: [partial_fc] sparse_update needs [optimizer] name = \"sgd\" (the row-wise "
-          f"step is SGD's); got {config.optimizer.name!r} — drop sparse_update to use it")
+          f"step is SGD's); got {config.optimizer.name!r} — drop sparse_update to train with it")
     _need(rate is None or 0 < rate <= 1,
           f"{s}: [partial_fc] sample_rate must be in (0, 1], got {rate}")
     mi = config.mining

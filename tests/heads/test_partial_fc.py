@@ -252,7 +252,7 @@ def test_sparse_grad_equals_the_dense_gradient_on_the_sampled_rows() -> None:
     torch.testing.assert_close(grad.to_dense(), dense.weight.grad, rtol=1e-12, atol=1e-14)
 
 
-def test_sparse_grad_in_eval_mode_or_at_rate_one_is_dense() -> None:
+def test_sparse_grad_at_rate_one_is_dense() -> None:
     pfc = PartialFC(N, D, ArcMargin(0.4), 16.0, sample_rate=1.0, sparse_grad=True)
     x, y = _batch(8)
     pfc(x.float(), y).backward()

@@ -86,28 +86,20 @@ class PKSampler(Sampler[list[int]]):
                 f"need num_replicas >= 1 and 0 <= rank < num_replicas, "
                 f"got num_replicas={num_replicas}, rank={rank}"
             )
-        _, inverse, counts = torch.unique(lab, return_inverse=True, return_counts=True)
-        by_identity = torch.split(torch.argsort(inverse, stable=True), counts.tolist())
-        self._identities: list[Tensor] = [idx for idx in by_identity if idx.numel() >= min_images]
+        _, self._identities, total = identity_images(lab, min_images)
         if len(self._identities) < p:
             raise ValueError(
                 f"PKSampler needs at least p={p} identities with >= {min_images} images, "
                 f"but the {lab.numel()} labels have {len(self._identities)} such identities "
-                f"(of {counts.numel()}); lower p or min_images, or use more data"
+                f"(of {total}); lower p or min_images, or use more data"
             )
         self.p, self.k = int(p), int(k)
         self.drop_last = drop_last
         self.seed = int(seed)
         self.num_replicas, self.rank = int(num_replicas), int(rank)
         self.epoch = 0
-        rounding = math.floor if drop_last else math.ceil
-        n_groups = rounding(len(self._identities) / self.p)
-        self._len = rounding(n_groups / self.num_replicas)
-        if self._len == 0:
-            raise ValueError(
-                f"{n_groups} batches of {self.p} identities cannot be shared by "
-                f"{self.num_replicas} processes with drop_last=True"
-            )
+        self._len = batches_per_replica(len(self._identities), self.p, self.num_replicas,
+                                        drop_last)
 
     @property
     def num_identities(self) -> int:
@@ -129,28 +121,11 @@ class PKSampler(Sampler[list[int]]):
         """Batches per epoch for this process."""
         return self._len
 
-    def _generator(self, stream: int) -> torch.Generator:
-        state = np.random.SeedSequence([self.seed, self.epoch, stream]).generate_state(2)
-        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-    def _groups(self) -> list[list[int]]:
-        """All processes' identity groups of this epoch, ``p`` distinct identities each."""
-        gen = self._generator(0)
-        order = torch.randperm(self.num_identities, generator=gen).tolist()
-        n_full = len(order) // self.p
-        groups = [order[i * self.p : (i + 1) * self.p] for i in range(n_full)]
-        rest = order[n_full * self.p :]
-        if rest and not self.drop_last:
-            # complete the short group with other identities, none repeated within it
-            others = order[: n_full * self.p]
-            extra = torch.randperm(len(others), generator=gen)[: self.p - len(rest)]
-            groups.append(rest + [others[i] for i in extra.tolist()])
-        total = self._len * self.num_replicas
-        return [groups[i % len(groups)] for i in range(total)]
-
     def __iter__(self) -> Iterator[list[int]]:
-        gen = self._generator(1 + self.rank)
-        for group in self._groups()[self.rank :: self.num_replicas]:
+        groups = shuffled_groups(self.num_identities, self.p, self._len * self.num_replicas,
+                                 epoch_generator(self.seed, self.epoch, 0), self.drop_last)
+        gen = epoch_generator(self.seed, self.epoch, 1 + self.rank)
+        for group in groups[self.rank :: self.num_replicas]:
             batch: list[int] = []
             for identity in group:
                 batch.extend(self._draw(self._identities[identity], gen))
@@ -158,6 +133,53 @@ class PKSampler(Sampler[list[int]]):
 
     def _draw(self, images: Tensor, gen: torch.Generator) -> list[int]:
         return draw_images(images, self.k, gen)
+
+
+def epoch_generator(*entropy: int) -> torch.Generator:
+    """A torch generator seeded from integers (e.g. ``seed, epoch, stream``) through NumPy's
+    ``SeedSequence``, so nearby inputs give unrelated streams."""
+    state = np.random.SeedSequence([int(e) for e in entropy]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def identity_images(labels: Tensor, min_images: int) -> tuple[Tensor, list[Tensor], int]:
+    """``(identity labels, image indices of each, identities in all)`` for the identities with
+    at least ``min_images`` images; labels ascending, indices in dataset order."""
+    values, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    by_identity = torch.split(torch.argsort(inverse, stable=True), counts.tolist())
+    eligible = [i for i, idx in enumerate(by_identity) if idx.numel() >= min_images]
+    return values[eligible], [by_identity[i] for i in eligible], int(counts.numel())
+
+
+def batches_per_replica(items: int, per_batch: int, num_replicas: int, drop_last: bool) -> int:
+    """Batches each of ``num_replicas`` processes gets from ``items`` groups of
+    ``per_batch`` (rounded down with ``drop_last``, up otherwise); ``ValueError`` if none."""
+    rounding = math.floor if drop_last else math.ceil
+    n_groups = rounding(items / per_batch)
+    length = rounding(n_groups / num_replicas)
+    if length == 0:
+        raise ValueError(
+            f"{n_groups} batches of {per_batch} cannot be shared by {num_replicas} processes "
+            "with drop_last=True"
+        )
+    return length
+
+
+def shuffled_groups(
+    items: int, size: int, total: int, gen: torch.Generator, drop_last: bool
+) -> list[list[int]]:
+    """``total`` groups of ``size`` distinct positions in ``range(items)``: a shuffle cut into
+    groups; without ``drop_last`` a short last group is completed with other positions (none
+    repeated within it); groups repeat cyclically to reach ``total``."""
+    order = torch.randperm(items, generator=gen).tolist()
+    n_full = len(order) // size
+    groups = [order[i * size : (i + 1) * size] for i in range(n_full)]
+    rest = order[n_full * size :]
+    if rest and not drop_last:
+        others = order[: n_full * size]
+        extra = torch.randperm(len(others), generator=gen)[: size - len(rest)]
+        groups.append(rest + [others[i] for i in extra.tolist()])
+    return [groups[i % len(groups)] for i in range(total)]
 
 
 def draw_images(images: Tensor, k: int, gen: torch.Generator) -> list[int]:
@@ -171,4 +193,11 @@ def draw_images(images: Tensor, k: int, gen: torch.Generator) -> list[int]:
     return picked.tolist()
 
 
-__all__ = ["PKSampler", "draw_images"]
+__all__ = [
+    "PKSampler",
+    "batches_per_replica",
+    "draw_images",
+    "epoch_generator",
+    "identity_images",
+    "shuffled_groups",
+]

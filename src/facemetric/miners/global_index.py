@@ -42,7 +42,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from facemetric.data.samplers import draw_images
+from facemetric.data.samplers import (
+    batches_per_replica,
+    draw_images,
+    epoch_generator,
+    identity_images,
+    shuffled_groups,
+)
 from facemetric.validation import check_embeddings
 
 logger = logging.getLogger(__name__)
@@ -69,11 +75,6 @@ def _as_labels(labels: Sequence[int] | Tensor | np.ndarray, n: int | None = None
     if n is not None and lab.numel() != n:
         raise ValueError(f"got {lab.numel()} labels for {n} embeddings")
     return lab.to(torch.int64)
-
-
-def _generator(*entropy: int) -> torch.Generator:
-    state = np.random.SeedSequence(list(entropy)).generate_state(2)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 # --------------------------------------------------------------------------- the index
@@ -563,27 +564,20 @@ class HardIdentitySampler(Sampler[list[int]]):
             raise ValueError(f"need min_images >= 1 and seed >= 0, got {min_images}, {seed}")
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"bad rank {rank} for num_replicas {num_replicas}")
-        values, inverse, counts = torch.unique(lab, return_inverse=True, return_counts=True)
-        by_identity = torch.split(torch.argsort(inverse, stable=True), counts.tolist())
-        eligible = [i for i, idx in enumerate(by_identity) if idx.numel() >= min_images]
-        if len(eligible) < p:
+        # label of identity position i (ascending) and its image indices
+        self.identity_labels, self._images, _ = identity_images(lab, min_images)
+        if len(self._images) < p:
             raise ValueError(
                 f"need at least p={p} identities with >= {min_images} images, got "
-                f"{len(eligible)}; lower p or min_images"
+                f"{len(self._images)}; lower p or min_images"
             )
-        self._images: list[Tensor] = [by_identity[i] for i in eligible]
-        self.identity_labels = values[eligible]  # label of identity position i, ascending
         self.p, self.k, self.neighbours = int(p), int(k), int(neighbours)
         self.seeds_per_batch = math.ceil(self.p / (self.neighbours + 1))
         self.table_width = table_width or 2 * self.neighbours + 2
         self.drop_last, self.seed, self.epoch = drop_last, int(seed), 0
         self.num_replicas, self.rank = int(num_replicas), int(rank)
-        rounding = math.floor if drop_last else math.ceil
-        n_groups = rounding(len(self._images) / self.seeds_per_batch)
-        self._len = rounding(n_groups / self.num_replicas)
-        if self._len == 0:
-            raise ValueError(f"{n_groups} batches cannot be shared by {num_replicas} processes "
-                             "with drop_last=True")
+        self._len = batches_per_replica(len(self._images), self.seeds_per_batch,
+                                        self.num_replicas, drop_last)
         self._table: Tensor | None = None  # (C, table_width) identity positions, -1 = none
 
     @property
@@ -639,18 +633,9 @@ class HardIdentitySampler(Sampler[list[int]]):
 
     def _seed_groups(self) -> list[list[int]]:
         """All processes' seed groups of this epoch (the ``PKSampler`` shuffle, ``s`` each)."""
-        s = self.seeds_per_batch
-        gen = _generator(self.seed, self.epoch, 0)
-        order = torch.randperm(self.num_identities, generator=gen).tolist()
-        n_full = len(order) // s
-        groups = [order[i * s : (i + 1) * s] for i in range(n_full)]
-        rest = order[n_full * s :]
-        if rest and not self.drop_last:
-            others = order[: n_full * s]
-            extra = torch.randperm(len(others), generator=gen)[: s - len(rest)]
-            groups.append(rest + [others[i] for i in extra.tolist()])
-        total = self._len * self.num_replicas
-        return [groups[i % len(groups)] for i in range(total)]
+        return shuffled_groups(self.num_identities, self.seeds_per_batch,
+                               self._len * self.num_replicas,
+                               epoch_generator(self.seed, self.epoch, 0), self.drop_last)
 
     def plan(self) -> Iterator[tuple[list[int], list[int]]]:
         """This process's batches of the epoch as ``(seed labels, identity labels)``,
@@ -687,7 +672,7 @@ class HardIdentitySampler(Sampler[list[int]]):
                     taken.add(nb)
                     added += 1
         if len(chosen) < self.p:
-            gen = _generator(self.seed, self.epoch, 0xF111, batch)
+            gen = epoch_generator(self.seed, self.epoch, 0xF111, batch)
             for cand in torch.randperm(self.num_identities, generator=gen).tolist():
                 if cand not in taken:
                     chosen.append(cand)
@@ -698,7 +683,7 @@ class HardIdentitySampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         for _, identities, b in self._batches():
-            gen = _generator(self.seed, self.epoch, 0x1A6E, b)
+            gen = epoch_generator(self.seed, self.epoch, 0x1A6E, b)
             batch: list[int] = []
             for identity in identities:
                 batch.extend(self._draw(self._images[identity], gen))

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/training_throughput.py --aligned cache/lfw112 \\
         --people ../shared/data/lfw/peopleDevTrain.txt
 
-The ``make demo`` configuration (``facemetric.lfw_demo.DEMO_CONFIG``: MobileFaceNet 64×64,
+The ``make demo`` configuration (``configs/demo_lfw.toml``: MobileFaceNet 64×64,
 ArcFace over the DevTrain identities, batch 128, SGD, clipping), in one process each:
 
 - ``loop``: ``facemetric.training.train`` for ``--steps`` steps — JPEG decoding and
@@ -19,7 +19,6 @@ measured too. Run it on an idle machine: a second busy process halves these numb
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import statistics
 import tempfile
@@ -30,10 +29,10 @@ from typing import Any
 
 def _config(aligned: Path, people: Path, out: Path, steps: int, channels_last: bool,
             workers: int) -> Any:
-    from facemetric.lfw_demo import DEMO_CONFIG
+    from facemetric.experiments.lfw_demo import load_demo_config
     from facemetric.training import config_from_dict
 
-    raw = copy.deepcopy(DEMO_CONFIG)
+    raw = load_demo_config()
     raw["output_dir"] = str(out)
     raw["data"].update(root=str(aligned), people_file=str(people), verify=False,
                        num_workers=workers)

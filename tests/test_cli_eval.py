@@ -98,7 +98,7 @@ def test_eval_usage_errors(lfw_like, capsys):
 
     code = main(["eval", "--model", str(t / "nothing.pt"), "--data", str(t / "aligned"),
                  "--pairs", str(t / "pairsDevTest.txt")])
-    assert code == 2 and "no checkpoint" in capsys.readouterr().err
+    assert code == 2 and "no model file" in capsys.readouterr().err
     code = main(["eval", "--model", str(t / "run"), "--gallery", str(t / "aligned")])
     assert code == 2 and "--probe" in capsys.readouterr().err
     code = main(["eval", "--model", str(t / "run"), "--pairs", str(t / "pairsDevTest.txt")])

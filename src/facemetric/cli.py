@@ -11,21 +11,22 @@ from facemetric import __version__
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from facemetric.lfw_demo import has_lfw, run_lfw_demo
+    from facemetric.experiments.lfw_demo import DEMO_CONFIG_FILE, has_lfw, run_lfw_demo
 
     data = Path(args.data)
     if has_lfw(data):
         result = run_lfw_demo(
-            data, out_dir=Path(args.out), cache_dir=Path(args.cache), max_steps=args.steps
+            data, out_dir=Path(args.out), cache_dir=Path(args.cache), max_steps=args.steps,
+            config_file=Path(args.config) if args.config else DEMO_CONFIG_FILE,
         )
     else:
-        from facemetric.demo import run_demo
+        from facemetric.experiments.orl import run_orl_example
 
         print(
             f"no LFW under {data / 'lfw'} (lfw-deepfunneled + peopleDevTrain.txt + "
-            "pairsDevTest.txt, from vis-www.cs.umass.edu/lfw): running the short ORL demo"
+            "pairsDevTest.txt, from vis-www.cs.umass.edu/lfw): running the short ORL example"
         )
-        result = run_demo(data, out_dir=Path(args.out))
+        result = run_orl_example(data, out_dir=Path(args.out))
     print(result.summary())
     return 0
 
@@ -74,7 +75,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         gallery=None if args.gallery is None else Path(args.gallery),
         probe=None if args.probe is None else Path(args.probe),
         out_dir=Path(args.out),
-        flip=not args.no_flip,
+        flip=False if args.no_flip else None,
         folds=args.folds,
         batch_size=args.batch_size,
         device=args.device,
@@ -85,7 +86,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from facemetric.evaluation.compare import compare
+    from facemetric.experiments.compare import compare
 
     result = compare(
         [Path(c) for c in args.configs],
@@ -124,7 +125,8 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
 
 def _add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="verification/identification report of a checkpoint")
-    ev.add_argument("--model", required=True, help="checkpoint_*.pt or a run folder")
+    ev.add_argument("--model", required=True,
+                    help="a run folder, checkpoint_*.pt, exported .onnx file, or 'dlib'")
     ev.add_argument("--data", help="aligned images (LFW layout, or CFP's Data/Images layout)")
     source = ev.add_mutually_exclusive_group(required=True)
     source.add_argument("--pairs", help="LFW pairs.txt / pairsDevTest.txt")
@@ -177,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="output folder (plots, logs)")
     demo.add_argument("--cache", default="cache", help="aligned faces, reused across runs")
     demo.add_argument("--steps", type=int, default=None, help="training steps (default 680)")
+    demo.add_argument("--config", default=None,
+                      help="training configuration (default: configs/demo_lfw.toml)")
     demo.set_defaults(func=_cmd_demo)
 
     train = sub.add_parser("train", help="train a face-embedding model from a TOML config")
@@ -195,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     align.set_defaults(func=_cmd_align)
     _add_evaluation_commands(sub)
+    from facemetric.recognition_cli import add_recognition_commands
+
+    add_recognition_commands(sub)
     return parser
 
 
@@ -202,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, PermissionError) as exc:
         print(f"facemetric {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

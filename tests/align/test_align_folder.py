@@ -75,7 +75,7 @@ def test_align_folder_outputs_report_and_resume(tree, tmp_path):
         ("Blank/broken.jpg", "load_error"),
         ("Blank/grey.png", "no_face"),
     }
-    assert not list(dst.rglob("*.facemetric-tmp"))
+    assert not list(dst.rglob(".tmp-*"))
 
     # Resume: existing outputs are skipped, the two failures are retried (and fail again).
     before = {rel: (dst / rel).stat().st_mtime_ns for rel in expected}
@@ -85,7 +85,7 @@ def test_align_folder_outputs_report_and_resume(tree, tmp_path):
 
     # A deleted output is redone; a stale temporary file from a killed run is cleaned up.
     (dst / "Colin_Powell/1.jpg").unlink()
-    stale = dst / "Colin_Powell" / ".1.jpg.12345.facemetric-tmp"
+    stale = dst / "Colin_Powell" / ".tmp-1-a1b2c3.jpg"  # what atomic_write leaves when killed
     stale.write_bytes(b"half written")
     third = run(tree, dst)
     assert (third.skipped, third.processed, third.written) == (3, 3, 1)

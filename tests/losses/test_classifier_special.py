@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from pytorch_metric_learning import losses as pml
-from test_classifier_reference import ref_normalized, ref_psi
+from test_classifier_reference import ref_lsoftmax, ref_normalized, ref_psi
 from torch import Tensor, nn
 
 from facemetric.losses.classifier import (
@@ -147,6 +147,35 @@ def test_lsoftmax_with_m1_is_softmax_without_bias() -> None:
     _same_weight(lsm, soft)
     soft.bias.requires_grad_(False)  # zero and frozen: no bias
     _assert_same(_run(lsm, x, labels), _run(soft, x, labels))
+
+
+def test_lsoftmax_defaults_are_the_l_softmax_schedule_not_sphereface() -> None:
+    # L-Softmax's authors' models: m = 4, λ = 1000·(1 + 2.5e-5·it)^(−35), no floor
+    lsm = LargeMarginSoftmaxLoss(C, D).double()
+    mg = lsm.margin
+    assert (mg.m, mg.base, mg.gamma, mg.power, mg.lambda_min) == (4, 1000.0, 2.5e-5, 35.0, 0.0)
+    assert mg.current_lambda() == 1000.0
+    x, labels = _inputs(8)
+    lsm.train()
+    for _ in range(3):  # training-mode forwards advance the schedule, one step each
+        lsm(x, labels)
+    # 1000·(1 + ε)^(−35), ε = 7.5e-5, by the binomial series to 3rd order (error ~1e-12)
+    eps = 7.5e-5
+    series = 1 - 35 * eps + 630 * eps**2 - 7770 * eps**3
+    assert mg.current_lambda() == pytest.approx(1000 * series, rel=1e-10)
+    mg.iteration.fill_(4000)  # 1.1^35 = 28.1024368
+    assert mg.current_lambda() == pytest.approx(1000 / 28.1024368, rel=1e-8)
+    mg.iteration.fill_(40_000)  # 2^(−35)·1000 = 2.91e−8: the full margin, nothing left
+    assert mg.current_lambda() == pytest.approx(1000 * 2.0**-35, rel=1e-12)
+    lsm.eval()  # evaluation mode neither counts nor changes λ
+    w = lsm.weight.detach().clone()
+    pure = ref_lsoftmax(x, w, labels.tolist(), 4, 0.0)
+    torch.testing.assert_close(lsm(x, labels), pure, rtol=1e-6, atol=0)
+    # SphereFace keeps its own schedule, which stops at λ = 5
+    sphere = SphereFaceLoss(C, D).margin
+    assert (sphere.base, sphere.gamma, sphere.power, sphere.lambda_min) == (1000.0, 0.12, 1.0, 5.0)
+    sphere.iteration.fill_(40_000)
+    assert sphere.current_lambda() == 5.0
 
 
 def test_sphereface_annealing_limits() -> None:

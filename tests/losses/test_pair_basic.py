@@ -249,10 +249,12 @@ def _quadruplet_ref(x, labels, kind, m1, m2, triplets=None):
 
 @pytest.mark.parametrize("kind", ["euclidean", "cosine"])
 @pytest.mark.parametrize("explicit", [False, True])
-def test_quadruplet_matches_loop(kind, explicit):
+def test_quadruplet_hardest_of_n1_matches_loop(kind, explicit):
+    # the n1-anchored second pair (the paper's rule: tests/losses/test_pair_quadruplet.py)
     m1, m2 = (1.0, 0.5) if kind == "euclidean" else (0.3, 0.1)
     t = _some_triplets(LABELS) if explicit else None
-    loss = QuadrupletLoss(distance=_distance(kind), margin1=m1, margin2=m2)
+    loss = QuadrupletLoss(distance=_distance(kind), margin1=m1, margin2=m2,
+                          second_pair="hardest_of_n1")
     _check_value_and_grad(
         lambda x, y: loss(x, y, None if t is None else _triplets(t)),
         lambda x, y: _quadruplet_ref(x, y, kind, m1, m2, t),
@@ -525,7 +527,7 @@ def _params(loss) -> dict:
     names = {
         ContrastiveLoss: ("pos_margin", "neg_margin", "squared"),
         TripletLoss: ("margin", "squared"),
-        QuadrupletLoss: ("margin1", "margin2"),
+        QuadrupletLoss: ("margin1", "margin2", "second_pair"),
         LiftedStructureLoss: ("margin",),
         NPairLoss: ("l2_reg",),
     }[type(loss)]

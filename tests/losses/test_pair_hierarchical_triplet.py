@@ -278,6 +278,85 @@ def test_bad_input():
         HierarchicalTripletLoss(tree=hand_tree())(x, torch.tensor([0, 0, 1, 1, 9, 9]))
 
 
+# ---------------------------------------------------------------------------- units
+
+
+def _ref_htl_plain(x, y, triplets, inner, thr, level, beta):
+    """``ref_htl`` on the raw (unnormalised) embeddings."""
+    pts, lab = x.tolist(), y.tolist()
+    total = 0.0
+    for a, p, n in triplets:
+        alpha = beta + thr[level[(lab[a], lab[n])]] - inner[lab[a]]
+        total += max(_sqd(pts[a], pts[p]) - _sqd(pts[a], pts[n]) + alpha, 0.0)
+    return total / len(triplets)
+
+
+def _batch_hard_loop(x, y, normalize: bool) -> list[tuple[int, int, int]]:
+    """Per anchor: its farthest positive and nearest negative in squared distance."""
+    pts = [_unit(r) if normalize else r for r in x.tolist()]
+    lab = y.tolist()
+    out = []
+    for a in range(len(lab)):
+        pos = [p for p in range(len(lab)) if p != a and lab[p] == lab[a]]
+        neg = [n for n in range(len(lab)) if lab[n] != lab[a]]
+        if pos and neg:
+            p = max(pos, key=lambda j: _sqd(pts[a], pts[j]))
+            n = min(neg, key=lambda j: _sqd(pts[a], pts[j]))
+            out.append((a, p, n))
+    return out
+
+
+def test_a_miner_in_other_units_is_refused():
+    from facemetric.distances import CosineDistance, EuclideanDistance, SquaredEuclideanDistance
+    from facemetric.miners import BatchHardMiner, SemiHardMiner
+
+    for miner in (BatchHardMiner(), SemiHardMiner(0.2),  # Euclidean by default
+                  BatchHardMiner(distance=CosineDistance()),
+                  BatchHardMiner(distance=SquaredEuclideanDistance())):  # not normalised
+        with pytest.raises(ValueError, match=r"miner .* measures with .* units"):
+            HierarchicalTripletLoss(miner=miner)
+    with pytest.raises(ValueError, match="squared Euclidean"):
+        HierarchicalTripletLoss(distance=EuclideanDistance(normalize=True))
+    with pytest.raises(ValueError, match=r"miner .* units"):  # loss unnormalised, miner not
+        HierarchicalTripletLoss(distance=SquaredEuclideanDistance(),
+                                miner=BatchHardMiner(distance=SquaredEuclideanDistance(True)))
+
+
+def test_a_miner_in_the_loss_units_gives_the_loop_value():
+    from facemetric.miners import BatchHardMiner
+
+    data_x, data_y = _dataset(0)
+    tree = ClassTree.build(data_x, data_y, num_levels=5)
+    _, inner, thr, level = ref_tree(_group(data_x, data_y, True), 5, 4.0)
+    g = torch.Generator().manual_seed(8)
+    y = torch.tensor([0, 0, 0, 2, 2, 3, 3, 3, 5, 5])
+    x = torch.randn(len(y), 5, generator=g, dtype=torch.float64)
+    miner = BatchHardMiner(distance=HierarchicalTripletLoss.default_distance())
+    loss = HierarchicalTripletLoss(tree=tree, beta=0.2, miner=miner)
+    want = ref_htl(x, y, _batch_hard_loop(x, y, True), inner, thr, level, 0.2)
+    assert want > 0 and math.isclose(float(loss(x, y)), want, rel_tol=1e-10)
+
+
+def test_unnormalised_units_build_the_batch_tree_unnormalised_too():
+    from facemetric.distances import SquaredEuclideanDistance
+
+    x, y = _dataset(2, classes=4, per=3)
+    x = 3.0 * x  # norms far from 1: normalised and raw units differ
+    _, inner, thr, level = ref_tree(_group(x, y, False), 3, None)
+    loss = HierarchicalTripletLoss(beta=0.1, num_levels=3, distance=SquaredEuclideanDistance())
+    want = _ref_htl_plain(x, y, all_triplets_loop(y), inner, thr, level, 0.1)
+    assert want > 0 and math.isclose(float(loss(x, y)), want, rel_tol=1e-10)
+
+
+def test_tree_state_round_trip():
+    tree = hand_tree()
+    again = ClassTree.from_state_dict(tree.state_dict())
+    for name, value in tree.state_dict().items():
+        assert torch.equal(getattr(again, name), value), name
+    with pytest.raises(ValueError, match="lacks"):
+        ClassTree.from_state_dict({"classes": tree.classes})
+
+
 # ---------------------------------------------------------------------------- the sampler
 
 
@@ -331,6 +410,21 @@ def test_sampler_skips_tree_classes_missing_from_its_labels():
     for batch in sampler:
         classes = labels[batch].tolist()
         assert sorted(classes) == [0, 0, 1, 1] and classes[0] == classes[1]
+
+
+def test_sampler_batches_depend_on_seed_epoch_and_batch_number_only():
+    tree = hand_tree()
+    sampler = AnchorNeighborSampler(HAND_Y, tree, 1, 2, 2, num_batches=6, seed=3)
+    first, again = list(sampler), list(sampler)
+    assert first == again  # the same epoch redraws the same batches
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    # two processes: each takes every other global batch, none shared
+    ranks = [AnchorNeighborSampler(HAND_Y, tree, 1, 2, 2, num_batches=3, seed=3,
+                                   num_replicas=2, rank=r) for r in (0, 1)]
+    assert list(ranks[0]) == first[0::2] and list(ranks[1]) == first[1::2]
+    with pytest.raises(ValueError, match="no class tree"):
+        list(AnchorNeighborSampler(HAND_Y, None, 1, 2, 2, num_batches=1))
 
 
 # ---------------------------------------------------------------------------- optimisation

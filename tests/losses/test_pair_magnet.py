@@ -194,6 +194,38 @@ def test_neighbourhood_sampler_takes_seed_and_nearest_impostors():
     assert len(seeds) >= 4
 
 
+def test_sampler_batches_depend_on_seed_epoch_and_batch_number_only():
+    x, y, _, _ = _blobs(1)
+    index = MagnetClusterIndex(clusters_per_class=2, seed=0)
+    index.refresh(x, y)
+    sampler = MagnetBatchSampler(index, 3, 4, num_batches=6, seed=5)
+    first = list(sampler)
+    assert list(sampler) == first
+    sampler.set_epoch(2)
+    assert list(sampler) != first
+    ranks = [MagnetBatchSampler(index, 3, 4, num_batches=3, seed=5, num_replicas=2, rank=r)
+             for r in (0, 1)]
+    assert list(ranks[0]) == first[0::2] and list(ranks[1]) == first[1::2]
+
+
+def test_index_state_round_trip_and_seeded_refresh():
+    x, y, _, _ = _blobs(2)
+    index = MagnetClusterIndex(clusters_per_class=3, seed=0)
+    index.refresh(x, y, generator=torch.Generator().manual_seed(9))
+    other = MagnetClusterIndex(clusters_per_class=3, seed=123)  # its own seed is not used
+    other.refresh(x, y, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(index.assignments, other.assignments)
+    restored = MagnetClusterIndex(clusters_per_class=3)
+    restored.load_state_dict(index.state_dict())
+    for name in ("centres", "cluster_labels", "assignments", "member_order", "member_counts",
+                 "member_starts"):
+        assert torch.equal(getattr(restored, name), getattr(index, name)), name
+    assert torch.equal(restored.nearest_impostors(0, 3), index.nearest_impostors(0, 3))
+    empty = MagnetClusterIndex()
+    empty.load_state_dict(MagnetClusterIndex().state_dict())
+    assert empty.assignments is None
+
+
 # ---------------------------------------------------------------------------- optimisation
 
 

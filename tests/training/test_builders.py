@@ -165,3 +165,24 @@ def test_sgd_becomes_row_sparse_for_sparse_partial_fc_and_adamw_is_refused():
                       torch.optim.AdamW)
     with pytest.raises(ValueError, match="cannot take sparse gradients"):
         build_optimizer(OptimizerConfig(name="adamw"), [model, sparse])
+
+
+def test_an_import_error_inside_a_loss_module_surfaces_as_itself(tmp_path, monkeypatch):
+    """A loss module that fails to import must raise its own error: swallowing it would
+    turn every loss it defines into a misleading "unknown loss" (or a skipped test)."""
+    from facemetric.training import builders
+    from facemetric.training.config import load_config
+
+    (tmp_path / "half_written_losses.py").write_text(
+        "from facemetric.losses import ArcFaceLoss\n"
+        "from a_dependency_that_is_not_installed import helper\n"
+        "class BrandNewLoss(ArcFaceLoss):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(builders, "LOSS_MODULES", (*builders.LOSS_MODULES, "half_written_losses"))
+    with pytest.raises(ModuleNotFoundError, match="a_dependency_that_is_not_installed"):
+        builders.loss_entry("brand_new")
+    config = tmp_path / "exp.toml"
+    config.write_text('[loss]\nname = "brand_new"\n')
+    with pytest.raises(ImportError, match="a_dependency_that_is_not_installed"):
+        load_config(config)

@@ -50,7 +50,7 @@ def test_crash_during_write_keeps_previous_checkpoint_and_leaves_no_partial_file
 
 
 def test_stale_temp_files_are_ignored_and_cleaned(tmp_path):
-    stale = tmp_path / ".tmp-checkpoint-abc.pt"
+    stale = tmp_path / ".tmp-checkpoint_000000003-abc.pt"  # an atomic_write killed mid-save
     stale.write_bytes(b"partial")
     assert ck.latest_checkpoint(tmp_path) is None
     ck.save_checkpoint(_state(4), tmp_path, 4)
@@ -86,3 +86,52 @@ def test_rng_state_round_trip_through_a_file(tmp_path):
 def test_keep_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="keep"):
         ck.save_checkpoint({}, tmp_path, 1, keep=0)
+
+
+def _truncate(path, fraction: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 0.99])
+def test_a_truncated_checkpoint_is_a_checkpoint_error_with_a_sentence(tmp_path, fraction):
+    path = ck.save_checkpoint({"model": {"w": torch.ones(64, 64)}}, tmp_path, 1)
+    _truncate(path, fraction)
+    with pytest.raises(ck.CheckpointError, match=r"checkpoint_000000001\.pt cannot be read .*"
+                                                 r"damaged or truncated") as info:
+        ck.load_checkpoint(path)
+    assert isinstance(info.value, ValueError)  # what the CLI reports as an error (exit 2)
+    with pytest.raises(FileNotFoundError, match="no checkpoint file"):
+        ck.load_checkpoint(tmp_path / "checkpoint_000000009.pt")
+
+
+def test_newest_usable_checkpoint_skips_damaged_and_non_finite_ones(tmp_path, caplog):
+    for step in (1, 2, 3, 4):
+        ck.save_checkpoint({"model": {"w": torch.full((3,), float(step))}, "loss": {},
+                            "step": step}, tmp_path, step, keep=10)
+    _truncate(tmp_path / "checkpoint_000000004.pt")
+    ck.save_checkpoint({"model": {"w": torch.tensor([1.0, float("nan"), 0.0])},
+                        "loss": {"centers": torch.zeros(2)}, "step": 3}, tmp_path, 3, keep=10)
+    with caplog.at_level("WARNING", logger="facemetric.training.checkpoint"):
+        path, state = ck.load_newest_checkpoint(tmp_path)
+    assert path.name == "checkpoint_000000002.pt" and state["step"] == 2
+    assert torch.equal(state["model"]["w"], torch.full((3,), 2.0))
+    text = caplog.text
+    assert "checkpoint_000000004.pt" in text and "truncated" in text
+    assert "checkpoint_000000003.pt" in text and "non-finite weights (model.w)" in text
+    assert ck.load_newest_checkpoint(tmp_path / "empty") is None
+    for step in (1, 2):
+        _truncate(tmp_path / f"checkpoint_00000000{step}.pt")
+    with pytest.raises(ck.CheckpointError, match=r"no usable checkpoint in .*checkpoint_000000004"
+                                                 r".*checkpoint_000000001"):
+        ck.load_newest_checkpoint(tmp_path)
+
+
+def test_non_finite_tensors_names_each_broken_tensor():
+    state = {"model": {"a": torch.zeros(3), "b": torch.tensor([1.0, float("inf")])},
+             "loss": {"n": torch.tensor(3), "c": [torch.tensor([float("nan")])]},
+             "x": torch.full((5,), -1e30)}
+    assert ck.non_finite_tensors(state) == ["model.b", "loss.c.0"]
+    big = torch.zeros(3 << 22)  # crosses the checker's blocks
+    big[-1] = float("nan")
+    assert ck.non_finite_tensors({"w": big}) == ["w"]

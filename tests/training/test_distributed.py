@@ -1,8 +1,10 @@
 """Multi-process tests on CPU (gloo, 2 processes spawned with torch.multiprocessing):
 sharded Partial FC equals the one-process softmax over the union of the sampled centres
 (value and gradients), DDP training through the real ``train()`` loop equals one process on
-the global batch (also with sharded Partial FC, checkpoints gathered, and an exact resume),
-and ``torchrun -m facemetric train`` runs end to end."""
+the global batch (also with sharded Partial FC, checkpoints gathered, and an exact resume;
+also for the losses with batch-statistics state, center loss and AdaCos), a NaN on one rank
+stops every rank with the same error, and ``torchrun -m facemetric train`` runs end to
+end."""
 
 from __future__ import annotations
 
@@ -134,13 +136,14 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(48, 16), nn.Tanh(), nn.Linear(16, 8))
 
 
-def _config(out: Path, batch: int, steps: int, partial: float | None) -> Any:
+def _config(out: Path, batch: int, steps: int, partial: float | None,
+            loss: dict[str, Any] | None = None) -> Any:
     raw: dict[str, Any] = {
         "seed": 4, "output_dir": str(out),
         "data": {"root": str(out), "verify": False, "image_size": 8},
         "augment": {"flip": False},
         "model": {"name": "small_cnn", "embedding_size": 8},
-        "loss": {"name": "arcface", "scale": 8.0, "margin": 0.3},
+        "loss": loss or {"name": "arcface", "scale": 8.0, "margin": 0.3},
         "optimizer": {"name": "sgd", "lr": 0.2, "momentum": 0.9, "weight_decay": 1e-3},
         "schedule": {"name": "constant"},
         "batch": {"size": batch},
@@ -215,6 +218,139 @@ def test_ddp_training_equals_one_process_on_the_global_batch(tmp_path: Path, kin
         momentum = [s["momentum_buffer"] for s in state["optimizer"]["state"].values()
                     if s["momentum_buffer"].shape == ref_weight.shape]
         assert len(momentum) == 1
+
+
+# --------------------------------------------------------------------------- stateful losses
+
+#: losses whose training-mode forward updates state from the batch (centres, scale)
+STATEFUL = {
+    "center": {"name": "center", "lam": 0.5, "alpha": 0.5},
+    "adacos": {"name": "adacos"},
+}
+STATEFUL_STEPS = 5
+
+
+def _stateful_worker(rank: int, port: int, out: str, kind: str) -> None:
+    torch.set_num_threads(1)
+    _set_env(rank, port)
+    ctx = init_distributed()
+    try:
+        cfg = _config(Path(out) / kind, B_LOCAL, STATEFUL_STEPS, None, STATEFUL[kind])
+        run = train(cfg, dataset=_Tensors(), model=_model(), context=ctx, progress=False)
+        torch.save(([p.detach() for p in run.model.parameters()],
+                    {k: v.detach().clone() for k, v in run.loss.state_dict().items()},
+                    run.losses), Path(out) / f"{kind}_{rank}.pt")
+    finally:
+        ctx.destroy()
+
+
+@pytest.mark.parametrize("kind", sorted(STATEFUL))
+def test_ddp_stateful_losses_equal_one_process_on_the_global_batch(tmp_path: Path,
+                                                                   kind: str) -> None:
+    """Center loss's centres and AdaCos's scale are buffers updated from the batch: under
+    DDP they must follow the global batch (every rank's shard), exactly as one process on
+    the whole batch, and so must everything trained with them."""
+    _spawn(_stateful_worker, str(tmp_path), kind)
+    torch.set_num_threads(1)
+    ref = train(_config(tmp_path / "ref", WORLD * B_LOCAL, STATEFUL_STEPS, None, STATEFUL[kind]),
+                dataset=_Tensors(), model=_model(), progress=False)
+    ref_state = {k: v.detach() for k, v in ref.loss.state_dict().items()}
+    if kind == "center":  # the centres moved, differently for the different classes
+        centres = ref_state["centers"]
+        assert centres.abs().sum(dim=1).gt(0).sum() >= 4
+    else:  # the dynamic scale left its fixed starting value sqrt(2)·ln(C − 1)
+        fixed = float(np.sqrt(2.0) * np.log(_Tensors().num_classes - 1))
+        assert abs(float(ref_state["current_scale"]) - fixed) > 1e-3
+    ref_params = [p.detach() for p in ref.model.parameters()]
+    for rank in range(WORLD):
+        params, state, losses = torch.load(tmp_path / f"{kind}_{rank}.pt")
+        assert state.keys() == ref_state.keys()
+        for name, want in ref_state.items():
+            torch.testing.assert_close(state[name], want, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, n=name, r=rank: f"rank {r} {n}: {m}")
+        for got, want in zip(params, ref_params, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(losses, ref.losses, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- agreeing to stop
+
+
+class _SquaredNorm(nn.Module):
+    """A parameter-free loss, NaN on ``nan_rank`` at its ``nan_call``-th call."""
+
+    def __init__(self, rank: int, nan_rank: int, nan_call: int) -> None:
+        super().__init__()
+        self.rank, self.nan_rank, self.nan_call, self.calls = rank, nan_rank, nan_call, 0
+
+    def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
+        self.calls += 1
+        value = emb.pow(2).mean()
+        if self.rank == self.nan_rank and self.calls == self.nan_call:
+            return value * float("nan")
+        return value
+
+
+class _NanOnRank(nn.Module):
+    """``_model()``, with NaN outputs on ``nan_rank`` at its ``nan_call``-th forward."""
+
+    def __init__(self, rank: int, nan_rank: int, nan_call: int) -> None:
+        super().__init__()
+        self.net, self.calls = _model(), 0
+        self.poison = rank == nan_rank
+        self.nan_call = nan_call
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        out = self.net(x)
+        return out * float("nan") if self.poison and self.calls == self.nan_call else out
+
+
+#: the process group's timeout in the failure tests: a rank left waiting in a collective
+#: fails with gloo's timeout error after this long instead of our FloatingPointError
+STOP_TIMEOUT_S = 60.0
+
+
+def _stop_worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    _set_env(rank, port)
+    ctx = init_distributed(timeout_s=STOP_TIMEOUT_S)
+    outcome: dict[str, Any] = {}
+    try:
+        cases = {
+            "loss": ({"model": _model(), "loss": _SquaredNorm(rank, 1, 2)}),
+            "embeddings": ({"model": _NanOnRank(rank, 0, 3)}),
+        }
+        for name, kwargs in cases.items():
+            cfg = _config(Path(out) / name, B_LOCAL, 6, None)
+            cfg.train.checkpoint_every = 100
+            try:
+                train(cfg, dataset=_Tensors(), context=ctx, progress=False, **kwargs)
+                outcome[name] = ("finished", "")
+            except Exception as err:  # what each rank saw, for the test to judge
+                outcome[name] = (type(err).__name__, str(err))
+    finally:
+        torch.save(outcome, Path(out) / f"stop_{rank}.pt")
+        ctx.destroy()
+
+
+def test_non_finite_on_one_rank_stops_every_rank_with_one_message(tmp_path: Path) -> None:
+    """Rank 1's loss is NaN at step 2 (rank 0's is finite); then, in a second run, rank 0's
+    embeddings are NaN at step 3. Every rank must raise the same FloatingPointError at once
+    — not one rank raising while the other waits in the gradient all-reduce until the
+    group's timeout (which would end it with gloo's error, not ours)."""
+    _spawn(_stop_worker, str(tmp_path))
+    outcomes = [torch.load(tmp_path / f"stop_{r}.pt") for r in range(WORLD)]
+    for rank, outcome in enumerate(outcomes):
+        kind, message = outcome["loss"]
+        assert kind == "FloatingPointError", (rank, kind, message)
+        assert message.startswith("the loss is nan at step 2 on rank 1 of 2"), message
+        kind, message = outcome["embeddings"]
+        assert kind == "FloatingPointError", (rank, kind, message)
+        assert message.startswith("the embeddings hold NaN or Inf at step 3 on rank 0 of 2")
+    assert outcomes[0] == outcomes[1]  # one message, the same on every rank
+    for name in ("loss", "embeddings"):
+        assert not list((tmp_path / name).glob("checkpoint_*.pt"))
 
 
 def test_init_distributed_without_torchrun_is_one_process(monkeypatch) -> None:

@@ -141,7 +141,7 @@ def _params(module: nn.Module) -> dict[str, Tensor]:
 
 def _dropout_model() -> nn.Module:
     """A backbone that draws from the global torch RNG at every step (dropout)."""
-    from facemetric.demo import SmallFaceCNN
+    from facemetric.models import SmallFaceCNN
 
     torch.manual_seed(11)
     return nn.Sequential(SmallFaceCNN(16, in_channels=3, width=8), nn.Dropout(0.3))
@@ -309,3 +309,249 @@ def test_augmentation_seeds_differ_across_processes():
     assert len(r0) == len(r1) == 5
     # each process's batch b is the global batch 2b + rank: its own augmentation draws
     assert r0 == one[0::2] and r1 == one[1::2]
+
+
+# --------------------------------------------------------------------------- broken numbers
+
+
+class _GradPoison(torch.autograd.Function):
+    """The identity, whose backward pass returns NaN."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad * float("nan")
+
+
+class _NanGradientAt(nn.Module):
+    """A finite loss (the mean squared embedding) whose gradient is NaN at the given calls
+    (1-based: call ``i`` is step ``i``)."""
+
+    def __init__(self, calls) -> None:
+        super().__init__()
+        self.calls, self.count = calls, 0
+
+    def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
+        self.count += 1
+        if self.count in self.calls:
+            emb = _GradPoison.apply(emb)
+        return emb.pow(2).mean()
+
+
+def _checkpoints(out: Path) -> dict[int, dict]:
+    return {int(p.stem.split("_")[1]): load_checkpoint(p) for p in out.glob("checkpoint_*.pt")}
+
+
+def test_a_nan_gradient_behind_a_finite_loss_is_skipped_with_a_warning(faces, tmp_path,
+                                                                        caplog):
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    cfg = _config(faces, out, max_steps=8, checkpoint_every=1, keep_checkpoints=10,
+                  max_skipped_steps=2, grad_clip=None)
+    with caplog.at_level(logging.WARNING, logger="facemetric.training.loop"):
+        result = train(cfg, loss=_NanGradientAt({3, 5}), progress=False)
+    assert result.steps == 8 and all(np.isfinite(result.losses))
+    skips = [r.message for r in caplog.records if "step skipped" in r.message]
+    assert len(skips) == 2
+    assert "not finite (norm nan) at step 3" in skips[0] and "1 of at most 2" in skips[0]
+    assert "at step 5" in skips[1] and "2 of at most 2" in skips[1]
+    states = _checkpoints(out)
+    assert sorted(states) == list(range(1, 9))
+    for step, state in states.items():
+        assert all(torch.isfinite(v).all() for v in state["model"].values()), step
+        assert state["skipped_steps"] == (0 if step < 3 else 1 if step < 5 else 2)
+    weights = [name for name, _ in result.model.named_parameters()]  # not BatchNorm's stats
+    for skipped in (3, 5):  # no update: weights and momentum exactly those of the step before
+        before, after = states[skipped - 1], states[skipped]
+        for name in weights:
+            assert torch.equal(before["model"][name], after["model"][name]), (skipped, name)
+        for key, entry in before["optimizer"]["state"].items():
+            assert torch.equal(entry["momentum_buffer"],
+                               after["optimizer"]["state"][key]["momentum_buffer"])
+        following = states[skipped + 1]["model"]  # ... and training goes on after it
+        assert any(not torch.equal(after["model"][k], following[k]) for k in weights)
+    # the schedule still advanced through the skipped steps (they count as steps)
+    assert states[3]["scheduler"]["last_epoch"] == 3
+
+
+def test_too_many_nan_gradients_stop_training_without_a_broken_checkpoint(faces, tmp_path):
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    cfg = _config(faces, out, max_steps=8, checkpoint_every=1, keep_checkpoints=10,
+                  max_skipped_steps=2)  # with gradient clipping: its norm is the check
+    with pytest.raises(FloatingPointError, match=r"at step 4 behind a finite loss: 3 such "
+                                                 r"steps, more than \[train\] max_skipped_steps"
+                                                 r" = 2; lower \[optimizer\] lr"):
+        train(cfg, loss=_NanGradientAt(set(range(2, 100))), progress=False)
+    states = _checkpoints(out)
+    assert sorted(states) == [1, 2, 3]
+    for state in states.values():
+        assert all(torch.isfinite(v).all() for v in state["model"].values())
+    with pytest.raises(FloatingPointError, match=r"at step 2 .* max_skipped_steps = 0"):
+        train(_config(faces, tmp_path / "zero", max_steps=3, max_skipped_steps=0),  # 0: the 1st
+              loss=_NanGradientAt({2}), progress=False)
+    with pytest.raises(ValueError, match="max_skipped_steps must be >= 0"):
+        _config(faces, tmp_path / "x", max_skipped_steps=-1)
+
+
+class _BufferGoesInf(nn.Module):
+    """A stateful loss whose state (a buffer) becomes infinite at its third call while the
+    loss itself stays finite — what a diverging centre update would do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("centre", torch.zeros(16))
+        self.count = 0
+
+    def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
+        self.count += 1
+        if self.count == 3:
+            self.centre.fill_(float("inf"))
+        return emb.pow(2).mean()
+
+
+def test_non_finite_weights_are_never_checkpointed(faces, tmp_path):
+    torch.set_num_threads(1)
+    out = tmp_path / "run"
+    cfg = _config(faces, out, max_steps=6, checkpoint_every=1, keep_checkpoints=10)
+    with pytest.raises(FloatingPointError, match=r"not finite after step 3 \(loss.centre\); "
+                                                 r"no checkpoint written .*checkpoint_000000002"
+                                                 r"\.pt, is intact"):
+        train(cfg, loss=_BufferGoesInf(), progress=False)
+    assert sorted(_checkpoints(out)) == [1, 2]
+
+
+def _corrupt(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "nan_weights"])
+def test_resume_falls_back_from_a_damaged_newest_checkpoint(faces, tmp_path, caplog, damage):
+    torch.set_num_threads(1)
+    straight = train(_config(faces, tmp_path / "straight", max_steps=6, checkpoint_every=2),
+                     progress=False)
+    out = tmp_path / "run"
+    train(_config(faces, out, max_steps=4, checkpoint_every=2), progress=False)
+    newest = out / "checkpoint_000000004.pt"
+    if damage == "truncated":
+        _corrupt(newest)
+    else:  # what an older version could write: a finite loss, NaN weights
+        state = load_checkpoint(newest)
+        name = next(iter(state["model"]))
+        state["model"][name] = torch.full_like(state["model"][name], float("nan"))
+        torch.save(state, newest)
+    with caplog.at_level(logging.WARNING, logger="facemetric.training.checkpoint"):
+        resumed = train(_config(faces, out, max_steps=6, checkpoint_every=2), resume=True,
+                        progress=False)
+    assert "checkpoint_000000004.pt" in caplog.text
+    assert ("truncated" if damage == "truncated" else "non-finite weights") in caplog.text
+    assert resumed.resumed_from == 2
+    assert resumed.losses == straight.losses  # bitwise: steps 3–4 redone from checkpoint 2
+    for name, value in _params(straight.model).items():
+        assert torch.equal(value, _params(resumed.model)[name]), name
+
+
+def test_cli_reports_unusable_checkpoints_as_an_error_not_a_traceback(faces, tmp_path,
+                                                                       capsys):
+    from facemetric.cli import main
+
+    torch.set_num_threads(1)
+    toml = tmp_path / "exp.toml"
+    toml.write_text(
+        f'seed = 1\noutput_dir = "out"\n[data]\nroot = "{faces.as_posix()}"\nimage_size = 32\n'
+        'min_images = 2\n[model]\nname = "small_cnn"\nembedding_size = 8\n'
+        '[loss]\nname = "contrastive"\n[batch]\np = 2\nk = 2\n'
+        '[train]\nmax_steps = 2\ncheckpoint_every = 1\nlog_every = 1\n'
+    )
+    assert main(["train", "--config", str(toml)]) == 0
+    for path in (tmp_path / "out").glob("checkpoint_*.pt"):
+        _corrupt(path)
+    capsys.readouterr()
+    assert main(["train", "--config", str(toml), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("facemetric train: error: no usable checkpoint in ")
+    assert "checkpoint_000000002.pt cannot be read" in err and "Traceback" not in err
+    assert main(["eval", "--model", str(tmp_path / "out" / "checkpoint_000000002.pt"),
+                 "--pairs", "p.txt", "--data", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("facemetric eval: error: ") and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- stateful losses
+
+
+STATEFUL_LOSSES = {
+    "center": {"lam": 0.1, "alpha": 0.5},
+    "adacos": {},
+    "sphereface": {"m": 2, "base": 100.0, "gamma": 0.5},
+}
+
+
+@pytest.mark.parametrize("name", sorted(STATEFUL_LOSSES))
+def test_resume_restores_stateful_losses_bit_exactly(faces, tmp_path, name):
+    """Center loss's centres, AdaCos's dynamic scale and SphereFace's annealing counter are
+    buffers the forward updates: a run killed after its checkpoint and resumed must carry
+    them on exactly, and every later step with them."""
+    torch.set_num_threads(1)
+    n = 9
+
+    def config(out: Path):
+        cfg = _config(faces, out, "test_normsoftmax", max_steps=n, checkpoint_every=4)
+        cfg.loss.name, cfg.loss.params = name, dict(STATEFUL_LOSSES[name])
+        return cfg
+
+    straight = train(config(tmp_path / "straight"), progress=False)
+    with pytest.raises(_KilledError):  # checkpoint at 4, killed at 6
+        train(config(tmp_path / "killed"), progress=False, on_step=_kill_after(6))
+    resumed = train(config(tmp_path / "killed"), resume=True, progress=False)
+    assert resumed.resumed_from == 4
+    assert resumed.losses == straight.losses
+    want, got = straight.loss.state_dict(), resumed.loss.state_dict()
+    assert want.keys() == got.keys()
+    for key, value in want.items():
+        assert torch.equal(value, got[key]), key
+    for key, value in _params(straight.model).items():
+        assert torch.equal(value, _params(resumed.model)[key]), key
+    # the state really is state: it moved during the run
+    if name == "center":
+        assert bool(want["centers"].abs().sum(dim=1).gt(0).all())
+    elif name == "adacos":
+        assert float(want["current_scale"]) != pytest.approx(np.sqrt(2) * np.log(IDENTITIES - 1))
+    else:
+        assert int(want["margin.iteration"]) == n
+
+
+# --------------------------------------------------------------------------- global mining
+
+
+def test_global_mining_resumes_exactly_with_dataloader_workers(faces, tmp_path, caplog):
+    """Workers draw batches ahead of the step that uses them; batches drawn before an index
+    refresh must not be used after it, or a run resumed after the refresh (which draws them
+    with the new table) differs from the uninterrupted one."""
+    torch.set_num_threads(1)
+
+    def config(out: Path):
+        cfg = _config(faces, out, "triplet", max_steps=8, checkpoint_every=3, grad_clip=None)
+        cfg.batch.p, cfg.batch.k = 3, 2
+        cfg.data.num_workers = 2  # 2 workers × prefetch 2: 4 batches drawn ahead
+        cfg.mining.global_index, cfg.mining.refresh_every = True, 2
+        cfg.mining.neighbours, cfg.mining.backend = 2, "torch"  # one seed a batch
+        return cfg
+
+    with caplog.at_level(logging.INFO, logger="facemetric.miners.global_index"):
+        straight = train(config(tmp_path / "straight"), progress=False)
+    refreshes = [r.message.split(":")[0] for r in caplog.records if "refreshed" in r.message]
+    assert refreshes == ["step 2", "step 4", "step 6", "step 8"]
+    # 6 identities, one seed each: 6 batches an epoch, so refreshes and the checkpoint at
+    # step 3 fall inside an epoch, where the workers are ahead
+    assert load_checkpoint(straight.checkpoint)["steps_per_epoch"] == 6
+    with pytest.raises(_KilledError):  # checkpoint at 3 holds the step-2 table; killed at 5
+        train(config(tmp_path / "killed"), progress=False, on_step=_kill_after(5))
+    resumed = train(config(tmp_path / "killed"), resume=True, progress=False)
+    assert resumed.resumed_from == 3
+    assert resumed.losses == straight.losses
+    for key, value in _params(straight.model).items():
+        assert torch.equal(value, _params(resumed.model)[key]), key

@@ -32,6 +32,7 @@ from facemetric.align.landmarks import (
     read_landmark_file,
     template_correspondences,
 )
+from facemetric.align.templates import warp_to_template
 from facemetric.align.warp import (
     ALIGNED_SIZE,
     ARCFACE_TEMPLATE,
@@ -64,4 +65,5 @@ __all__ = [
     "template_correspondences",
     "transform_points",
     "warp_affine",
+    "warp_to_template",
 ]

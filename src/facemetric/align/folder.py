@@ -15,6 +15,7 @@ from typing import Any
 
 from facemetric.align.aligner import ALIGNED_STATUSES, AlignResult, AlignStatus, FaceAligner
 from facemetric.align.detect import check_detector_args
+from facemetric.atomic import TEMP_PREFIX, atomic_write_bytes
 
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pnm", ".tif", ".tiff", ".webp"}
@@ -23,7 +24,6 @@ IMAGE_SUFFIXES = frozenset(
 
 OUTPUT_SUFFIXES = (".jpg", ".png")
 REPORT_NAME = "align_report.json"
-_TMP_SUFFIX = ".facemetric-tmp"
 _WRITTEN = ALIGNED_STATUSES | {AlignStatus.FALLBACK_CENTRE_CROP}
 _QUIET = frozenset({AlignStatus.OK, AlignStatus.GIVEN_LANDMARKS})
 
@@ -101,18 +101,6 @@ def _init_worker(settings: dict[str, Any]) -> None:
     _worker_aligner = FaceAligner(**settings)
 
 
-def _write_atomic(data: bytes, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _encode(face: Any, suffix: str) -> bytes:
     import cv2
 
@@ -129,7 +117,7 @@ def _process(task: tuple[str, str, str, str | None], aligner: FaceAligner) -> Im
     try:
         result: AlignResult = aligner.align_file(src, landmarks)
         if result.face is not None:
-            _write_atomic(_encode(result.face, Path(out).suffix), Path(out))
+            atomic_write_bytes(Path(out), _encode(result.face, Path(out).suffix))
     except Exception as err:  # one bad image must not end a 13k-image job
         return ImageRecord(rel, AlignStatus.ERROR, f"{type(err).__name__}: {err}")
     return ImageRecord(rel, result.status, result.reason)
@@ -167,7 +155,7 @@ def _previous_problems(report_path: Path) -> dict[str, ImageRecord]:
 def _remove_stale_temps(dst: Path) -> None:
     for dirpath, _, filenames in os.walk(dst):
         for name in filenames:
-            if name.startswith(".") and name.endswith(_TMP_SUFFIX):
+            if name.startswith(TEMP_PREFIX):
                 Path(dirpath, name).unlink(missing_ok=True)
 
 
@@ -355,4 +343,4 @@ def _write_report(report: AlignReport, settings: dict[str, Any], suffix: str) ->
         ],
     }
     text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-    _write_atomic(text.encode("utf-8"), report.report_path)
+    atomic_write_bytes(report.report_path, text.encode("utf-8"))

@@ -29,6 +29,7 @@ never sets it): with it ``True`` PIL silently pads a truncated JPEG with grey.
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -78,28 +79,86 @@ def load_image(path: str | os.PathLike[str], exif_transpose: bool = True) -> np.
     if size == 0:
         raise ImageLoadError(path, "the file is empty (0 bytes)")
 
+    return _decode(path, path, exif_transpose, None)
+
+
+def decode_image(
+    data: bytes,
+    name: str = "<bytes>",
+    *,
+    exif_transpose: bool = True,
+    max_pixels: int | None = None,
+) -> np.ndarray:
+    """Decode an encoded image held in memory, exactly as :func:`load_image` decodes a file.
+
+    Args:
+        data: the encoded bytes (JPEG, PNG, ...).
+        name: how errors refer to the image (an upload's file name, ``"image 3"`` ...).
+        max_pixels: refuse images with more pixels than this, read from the header
+            *before* any pixel is decoded (a decompression bomb costs nothing).
+
+    Raises:
+        ImageLoadError: empty, not an image, truncated, corrupt or too large.
+    """
+    if not data:
+        raise ImageLoadError(name, "the image is empty (0 bytes)")
+    return _decode(name, io.BytesIO(data), exif_transpose, max_pixels)
+
+
+def _decode(
+    name: str | os.PathLike[str], source: Path | io.BytesIO, exif_transpose: bool,
+    max_pixels: int | None,
+) -> np.ndarray:
     try:
-        # Pass 1: the format's own integrity check (PNG: chunk CRCs and the IEND marker).
-        with Image.open(path) as probe:
+        # Pass 1: the header (pixel count) and the format's own integrity check (PNG: chunk
+        # CRCs and the IEND marker).
+        with Image.open(source) as probe:
+            width, height = probe.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageLoadError(
+                    name, f"too many pixels: {width}×{height} = {width * height:,} > the limit "
+                    f"of {max_pixels:,}; downscale the image before sending it"
+                )
             probe.verify()
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
         # Pass 2: decode every pixel. A truncated stream raises here (OSError) because
         # LOAD_TRUNCATED_IMAGES is False.
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()
             if exif_transpose:
                 im = _upright(im)
             rgb = _to_rgb(im)
+    except ImageLoadError:
+        raise
     except Image.UnidentifiedImageError as exc:
-        raise ImageLoadError(path, "not an image file PIL can identify") from exc
+        raise ImageLoadError(name, "not an image file PIL can identify") from exc
     except Image.DecompressionBombError as exc:
-        raise ImageLoadError(path, f"too many pixels ({exc})") from exc
+        raise ImageLoadError(name, f"too many pixels ({exc})") from exc
     except Exception as exc:
         # PIL's decoders signal damage with OSError, SyntaxError, ValueError, EOFError,
         # struct.error, ... depending on the plugin: all of them mean "this file is broken".
-        raise ImageLoadError(path, _reason(exc)) from exc
+        raise ImageLoadError(name, _reason(exc)) from exc
 
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ImageLoadError(path, f"the image has zero size {rgb.shape[1]}×{rgb.shape[0]}")
+        raise ImageLoadError(name, f"the image has zero size {rgb.shape[1]}×{rgb.shape[0]}")
+    return rgb
+
+
+def pil_to_rgb(image: Image.Image, exif_transpose: bool = True) -> np.ndarray:
+    """A PIL image (any mode) as ``(H, W, 3)`` uint8 RGB, converted as :func:`load_image`
+    converts a decoded file (EXIF orientation applied unless ``exif_transpose=False``).
+
+    Raises:
+        ImageLoadError: the image has zero size or cannot be converted.
+    """
+    try:
+        image.load()
+        rgb = _to_rgb(_upright(image) if exif_transpose else image)
+    except Exception as exc:
+        raise ImageLoadError("<PIL image>", _reason(exc)) from exc
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ImageLoadError("<PIL image>", "the image has zero size")
     return rgb
 
 
@@ -145,4 +204,4 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     return np.array(im.convert("RGB"), dtype=np.uint8, order="C")
 
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageLoadError", "load_image"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageLoadError", "decode_image", "load_image", "pil_to_rgb"]

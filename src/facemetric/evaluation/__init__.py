@@ -6,6 +6,10 @@
 - ``clustering``: NMI, AMI, pairwise and BCubed scores; k-means, threshold and
   average-linkage clustering of embeddings.
 - ``protocols``: LFW, CFP and ``.bin`` pair lists.
+
+``facemetric.evaluation.run`` (``evaluate``, ``visualize_folder``) is the bridge from a model
+(any :mod:`facemetric.inference` encoder) to these arrays; it is not imported here, so that
+importing the metrics loads no model code.
 """
 
 from facemetric.evaluation.clustering import (
@@ -21,8 +25,6 @@ from facemetric.evaluation.clustering import (
     pairwise_scores,
     threshold_clustering,
 )
-from facemetric.evaluation.compare import CompareResult, compare
-from facemetric.evaluation.embed import Embedder, PairEmbeddings, load_embedder
 from facemetric.evaluation.identification import (
     CMCCurve,
     GalleryProbeSplit,
@@ -41,7 +43,6 @@ from facemetric.evaluation.protocols import (
 )
 from facemetric.evaluation.report import ReportFiles, comparison_table, write_verification_report
 from facemetric.evaluation.retrieval import RetrievalReport, retrieval_metrics
-from facemetric.evaluation.run import EvalResult, evaluate, visualize_folder
 from facemetric.evaluation.verification import (
     KFoldAccuracy,
     RocCurve,
@@ -65,15 +66,11 @@ from facemetric.evaluation.visualize import (
 __all__ = [
     "CMCCurve",
     "ClusteringReport",
-    "CompareResult",
-    "Embedder",
     "EmbeddingProjection",
-    "EvalResult",
     "GalleryProbeSplit",
     "KFoldAccuracy",
     "KMeansResult",
     "OpenSetResult",
-    "PairEmbeddings",
     "PairList",
     "PrecisionRecallF",
     "ReportFiles",
@@ -86,16 +83,13 @@ __all__ = [
     "bcubed_scores",
     "clustering_report",
     "cmc_curve",
-    "compare",
     "comparison_table",
     "cosine_pair_scores",
     "embedding_map",
     "equal_error_rate",
-    "evaluate",
     "interleaved_folds",
     "kfold_accuracy",
     "kmeans",
-    "load_embedder",
     "load_verification_bin",
     "normalized_mutual_info",
     "open_set_identification",
@@ -114,6 +108,5 @@ __all__ = [
     "tar_at_far",
     "threshold_clustering",
     "verification_report",
-    "visualize_folder",
     "write_verification_report",
 ]

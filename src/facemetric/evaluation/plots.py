@@ -2,11 +2,10 @@
 
 Every function draws on a fresh ``matplotlib.figure.Figure`` rendered by the Agg canvas —
 never ``pyplot``, so no display is opened, no global backend is switched and nothing leaks
-between calls — and writes a PNG **atomically**: the image goes to a hidden temporary file
-in the target's directory, which ``os.replace`` then moves onto ``path``. A failure while
-drawing or saving leaves neither a partial PNG nor the temporary file behind (an existing
-file at ``path`` is kept as it was). The figure title is also stored in the PNG's ``Title``
-text chunk.
+between calls — and writes a PNG **atomically** (``facemetric.atomic.atomic_write``): a
+failure while drawing or saving leaves neither a partial PNG nor a temporary file behind
+(an existing file at ``path`` is kept as it was). The figure title is also stored in the
+PNG's ``Title`` text chunk.
 
 matplotlib is an optional dependency (``pip install facemetric[plot]``), imported on the
 first call.
@@ -15,13 +14,13 @@ first call.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from facemetric.atomic import atomic_write
 from facemetric.evaluation.identification import CMCCurve
 from facemetric.evaluation.verification import VerificationReport, check_pairs
 
@@ -49,24 +48,11 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _temporary_path(target: Path) -> Path:
-    """A fresh hidden name beside ``target`` (opened with mode ``"x"``, so never shared;
-    unlike ``tempfile.mkstemp`` the file gets the usual umask-based permissions)."""
-    return target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
-
-
 def _save_figure(fig: Figure, path: str | os.PathLike[str], title: str) -> Path:
-    """Render ``fig`` as PNG into a temporary file beside ``path``, then ``os.replace`` it."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_path(target)
-    try:
-        with open(tmp, "xb") as fh:
-            fig.savefig(fh, format="png", dpi=_DPI, metadata={"Title": title})
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    """Render ``fig`` as PNG and write it atomically (``facemetric.atomic``)."""
+    return atomic_write(
+        path, lambda fh: fig.savefig(fh, format="png", dpi=_DPI, metadata={"Title": title})
+    )
 
 
 def _as_named(items: Mapping[str, Any] | Any, kind: type, what: str) -> dict[str, Any]:

@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from facemetric.atomic import atomic_write_text
 from facemetric.evaluation.identification import CMCCurve
-from facemetric.evaluation.plots import _temporary_path, plot_cmc, plot_roc, plot_score_histograms
+from facemetric.evaluation.plots import plot_cmc, plot_roc, plot_score_histograms
 from facemetric.evaluation.verification import (
     VerificationReport,
     check_pairs,
@@ -52,18 +53,6 @@ class ReportFiles:
     roc_png: Path
     scores_png: Path
     cmc_png: Path | None
-
-
-def _write_text_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_path(path)
-    try:
-        with open(tmp, "x", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def _json_safe(value: Any, where: str = "value") -> Any:
@@ -301,8 +290,8 @@ def write_verification_report(
     cmc_png = None
     if cmc is not None:
         cmc_png = plot_cmc({name: cmc}, out / files["cmc"], title=f"{name}: CMC")
-    metrics_json = _write_text_atomic(out / "metrics.json", metrics_text + "\n")
-    markdown = _write_text_atomic(out / "report.md", markdown_text + "\n")
+    metrics_json = atomic_write_text(out / "metrics.json", metrics_text + "\n")
+    markdown = atomic_write_text(out / "report.md", markdown_text + "\n")
     return ReportFiles(out, markdown, metrics_json, roc_png, scores_png, cmc_png)
 
 

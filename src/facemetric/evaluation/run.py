@@ -1,7 +1,8 @@
-"""``facemetric eval`` and ``facemetric visualize``: a checkpoint measured on a protocol.
+"""``facemetric eval`` and ``facemetric visualize``: a model measured on a protocol.
 
-``evaluate(checkpoint, ...)`` embeds the images of one source with
-``facemetric.evaluation.embed`` (flip test by default), scores pairs by cosine similarity
+``evaluate(model, ...)`` takes any encoder of :mod:`facemetric.inference` (or a source
+``load_model`` reads: a training run or checkpoint, an ONNX file, ``"dlib"``), embeds the
+images of one source (flip test as the model's contract says), scores pairs by cosine similarity
 and writes ``report.md``, ``metrics.json``, ``roc.png``, ``scores.png`` (and ``cmc.png``)
 with ``write_verification_report``. Exactly one source:
 
@@ -32,6 +33,7 @@ import io
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,6 @@ import numpy as np
 from PIL import Image
 
 from facemetric.data.folders import IdentityFolder, LoadFailure
-from facemetric.evaluation.embed import Embedder, load_embedder
 from facemetric.evaluation.identification import (
     CMCCurve,
     OpenSetResult,
@@ -56,6 +57,16 @@ from facemetric.evaluation.protocols import (
 from facemetric.evaluation.report import ReportFiles, comparison_table, write_verification_report
 from facemetric.evaluation.verification import VerificationReport, verification_report
 from facemetric.evaluation.visualize import embedding_map
+from facemetric.inference import (
+    Encoder,
+    ThresholdTable,
+    all_pair_scores,
+    calibrate,
+    embed_files,
+    embed_pairs,
+    load_model,
+    stack_faces,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -204,20 +215,41 @@ def _gallery_pairs(
 
 
 def _folder_embeddings(
-    embedder: Embedder, root: Path, batch_size: int, flip: bool, progress: bool
+    encoder: Encoder, root: Path, batch_size: int, workers: int, progress: bool
 ) -> tuple[np.ndarray, np.ndarray, tuple[LoadFailure, ...]]:
     folder = IdentityFolder(root)
     if len(folder) == 0:
         raise ValueError(f"no images under {root}")
     paths = [p for p, _ in folder.samples]
     names = np.array([folder.classes[y] for _, y in folder.samples])
-    emb = embedder.embed_paths(paths, batch_size=batch_size, flip=flip, progress=progress)
-    ok = np.isfinite(emb).all(axis=1)
-    return emb[ok], names[ok], tuple(embedder.failures)
+    res = embed_files(encoder, paths, batch_size=batch_size, workers=workers, progress=progress)
+    return res.embeddings[res.ok], names[res.ok], res.failures
+
+
+def as_encoder(
+    model: Encoder | str | os.PathLike[str], flip: bool | None = None, device: str = "cpu"
+) -> Encoder:
+    """``model`` itself, or the encoder ``load_model`` reads from it; ``flip`` overrides
+    the flip test of a model loaded here and must agree with a given encoder's contract."""
+    if isinstance(model, Encoder):
+        if flip is not None and flip != model.contract.flip_test:
+            raise ValueError(
+                f"flip={flip} but the encoder's contract has flip_test="
+                f"{model.contract.flip_test}: load the model with flip_test={flip}"
+            )
+        return model
+    return load_model(model, device=device, flip_test=flip)
+
+
+def model_title(encoder: Encoder) -> str:
+    """``backbone step N`` (or the source) for report titles."""
+    c = encoder.contract
+    step = c.extra.get("step")
+    return f"{c.backbone} step {step}" if step is not None else f"{c.backbone} ({c.source})"
 
 
 def evaluate(
-    checkpoint: str | os.PathLike[str],
+    model: Encoder | str | os.PathLike[str],
     *,
     data_root: str | os.PathLike[str] | None = None,
     pairs_file: str | os.PathLike[str] | None = None,
@@ -227,14 +259,16 @@ def evaluate(
     gallery: str | os.PathLike[str] | None = None,
     probe: str | os.PathLike[str] | None = None,
     out_dir: str | os.PathLike[str],
-    flip: bool = True,
+    flip: bool | None = None,
     folds: int = 10,
     batch_size: int = 64,
     device: str = "cpu",
     workers: int = 1,
     progress: bool = True,
 ) -> EvalResult:
-    """Evaluate ``checkpoint`` on one source (module docstring) and write the report.
+    """Evaluate ``model`` on one source (module docstring) and write the report.
+
+    ``flip=None`` keeps the model's own flip-test setting.
 
     Raises:
         ValueError: not exactly one source, a missing ``data_root``, no scorable pair.
@@ -253,11 +287,11 @@ def evaluate(
         )
     if (gallery is None) != (probe is None):
         raise ValueError("gallery and probe go together: give both folders")
-    embedder = load_embedder(checkpoint, device=device, workers=workers)
-    meta = dict(embedder.metadata)
+    encoder = as_encoder(model, flip, device)
+    contract = encoder.contract
     cmc: CMCCurve | None = None
     open_set: OpenSetResult | None = None
-    extra: dict[str, Any] = {**meta, "flip_test": flip}
+    extra: dict[str, Any] = {"model": contract.to_dict(), "flip_test": contract.flip_test}
     started = time.perf_counter()
 
     if bin_file is not None:
@@ -268,7 +302,7 @@ def evaluate(
         arrays = [d for d in decoded if isinstance(d, np.ndarray)]
         emb = np.full((len(decoded), 1), np.nan, dtype=np.float32)
         if arrays:
-            good = embedder.embed_arrays(arrays, batch_size=batch_size, flip=flip)
+            good = encoder.embed_faces(stack_faces(arrays, contract), batch_size=batch_size)
             emb = np.full((len(decoded), good.shape[1]), np.nan, dtype=np.float32)
             emb[ok] = good
         ea, eb = emb[0::2].astype(np.float64), emb[1::2].astype(np.float64)
@@ -278,9 +312,9 @@ def evaluate(
         num_images = len(decoded)
     elif gallery is not None and probe is not None:
         g_emb, g_names, g_fail = _folder_embeddings(
-            embedder, Path(gallery), batch_size, flip, progress)
+            encoder, Path(gallery), batch_size, workers, progress)
         p_emb, p_names, p_fail = _folder_embeddings(
-            embedder, Path(probe), batch_size, flip, progress)
+            encoder, Path(probe), batch_size, workers, progress)
         failures = g_fail + p_fail
         if len(g_emb) == 0 or len(p_emb) == 0:
             raise ValueError("no loadable image in the gallery or the probe folder")
@@ -310,8 +344,8 @@ def evaluate(
             None if cfp_root is None else Path(cfp_root),
             protocol, None if data_root is None else Path(data_root), folds,
         )
-        embedded = embedder.embed_pairs(pairs, batch_size=batch_size, flip=flip,
-                                        progress=progress)
+        embedded = embed_pairs(encoder, pairs, batch_size=batch_size, workers=workers,
+                               progress=progress)
         failures = embedded.failures
         scores, is_same, fold = embedded.scores(), pairs.is_same, pairs.fold
         num_images = len(embedded.images)
@@ -328,7 +362,7 @@ def evaluate(
     extra["dropped_pairs"] = dropped
     extra["embed_seconds"] = round(embed_seconds, 3)
     extra["images"] = num_images
-    title = f"{name} — {meta['model']} step {meta['step']}"
+    title = f"{name} — {model_title(encoder)}"
     s, y, f = scores[valid], np.asarray(is_same)[valid], np.asarray(fold)[valid]
     report = verification_report(s, y, f)
     files = write_verification_report(out_dir, title, s, y, report, extra=extra, cmc=cmc)
@@ -340,14 +374,14 @@ def evaluate(
 
 
 def visualize_folder(
-    checkpoint: str | os.PathLike[str],
+    model: Encoder | str | os.PathLike[str],
     data_root: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
     *,
     max_identities: int | None = 20,
     max_images_per_identity: int | None = None,
     method: str = "auto",
-    flip: bool = True,
+    flip: bool | None = None,
     batch_size: int = 64,
     seed: int = 0,
     progress: bool = True,
@@ -379,15 +413,79 @@ def visualize_folder(
         taken[label] = taken.get(label, 0) + 1
         paths.append(path)
         names.append(folder.classes[label])
-    embedder = load_embedder(checkpoint)
-    emb = embedder.embed_paths(paths, batch_size=batch_size, flip=flip, progress=progress)
-    ok = np.isfinite(emb).all(axis=1)
+    encoder = as_encoder(model, flip)
+    res = embed_files(encoder, paths, batch_size=batch_size, progress=progress)
+    ok = res.ok
     if ok.sum() < 2:
         raise ValueError(f"fewer than two loadable images under {data_root}")
-    title = f"{embedder.metadata['model']} step {embedder.metadata['step']}"
-    png = embedding_map(emb[ok], np.array(names)[ok], out_path, method=method, seed=seed,
-                        title=title)
-    return png, tuple(embedder.failures)
+    png = embedding_map(res.embeddings[ok], np.array(names)[ok], out_path, method=method,
+                        seed=seed, title=model_title(encoder))
+    return png, res.failures
 
 
-__all__ = ["MAX_GALLERY_PAIRS", "EvalResult", "cfp_pairs_in", "evaluate", "visualize_folder"]
+__all__ = [
+    "MAX_GALLERY_PAIRS",
+    "EvalResult",
+    "as_encoder",
+    "calibrate_model",
+    "cfp_pairs_in",
+    "evaluate",
+    "model_title",
+    "visualize_folder",
+]
+
+
+def calibrate_model(
+    model: Encoder | str | os.PathLike[str],
+    *,
+    data_root: str | os.PathLike[str] | None = None,
+    pairs_file: str | os.PathLike[str] | None = None,
+    cfp_root: str | os.PathLike[str] | None = None,
+    protocol: str = "FP",
+    folder: str | os.PathLike[str] | None = None,
+    people_file: str | os.PathLike[str] | None = None,
+    fars: Sequence[float] | None = None,
+    min_false_accepts: int = 1,
+    batch_size: int = 64,
+    workers: int = 1,
+    progress: bool = True,
+) -> ThresholdTable:
+    """The FAR → threshold table of ``model`` on a labelled verification set.
+
+    Sources (exactly one): a pairs file (``pairs_file`` + ``data_root``, LFW format), CFP
+    (``cfp_root`` + ``protocol`` + ``data_root``), or a labelled ``folder`` of aligned faces
+    (``<folder>/<identity>/<image>``, optionally restricted by an LFW ``people_file``) whose
+    *every* pair of images is compared — genuine when the identities agree, impostor
+    otherwise — which resolves far lower FARs than a pair list (5,000 images give about
+    12.5 million impostor comparisons). See :mod:`facemetric.inference.calibration`.
+    """
+    encoder = as_encoder(model)
+    given = [pairs_file is not None, cfp_root is not None, folder is not None]
+    if sum(given) != 1:
+        raise ValueError("calibrate from exactly one source: pairs_file, cfp_root or folder")
+    if folder is not None:
+        ds = IdentityFolder(folder, people_file=people_file)
+        if len(ds) == 0:
+            raise ValueError(f"no images under {folder}")
+        paths = [p for p, _ in ds.samples]
+        labels = np.array([y for _, y in ds.samples])
+        res = embed_files(encoder, paths, batch_size=batch_size, workers=workers,
+                          progress=progress)
+        genuine, impostor = all_pair_scores(res.embeddings[res.ok], labels[res.ok])
+        people = f", people {Path(people_file).name}" if people_file is not None else ""
+        source = f"all pairs of {int(res.ok.sum())} images in {folder}{people}"
+    else:
+        name, pairs = _pair_source(
+            None if pairs_file is None else Path(pairs_file),
+            None if cfp_root is None else Path(cfp_root),
+            protocol, None if data_root is None else Path(data_root), 10,
+        )
+        emb = embed_pairs(encoder, pairs, batch_size=batch_size, workers=workers,
+                          progress=progress)
+        scores = emb.scores()
+        ok = np.isfinite(scores)
+        same = np.asarray(pairs.is_same, dtype=bool)
+        genuine, impostor = scores[ok & same], scores[ok & ~same]
+        source = f"{name} ({int(ok.sum())} of {len(scores)} pairs scored)"
+    return calibrate(impostor, encoder.contract.fingerprint(), genuine_scores=genuine,
+                     fars=fars, source=source, min_false_accepts=min_false_accepts)

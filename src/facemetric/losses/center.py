@@ -10,9 +10,10 @@ from torch import Tensor
 from facemetric.losses.classifier.chunked import DEFAULT_CHUNK_SIZE
 from facemetric.losses.classifier.head import work_dtype
 from facemetric.losses.classifier.softmax import SoftmaxLoss
+from facemetric.losses.cross_rank import CrossRankStatistics, gather_rows
 
 
-class CenterLoss(SoftmaxLoss):
+class CenterLoss(CrossRankStatistics, SoftmaxLoss):
     """Softmax cross-entropy plus ``λ/2·‖x_b − c_{y_b}‖²``, both averaged over the batch.
 
     ``ℓ = mean_b [−log softmax(x_b·Wᵀ + β)[y_b]] + λ/2 · mean_b ‖x_b − c_{y_b}‖²``.
@@ -23,6 +24,10 @@ class CenterLoss(SoftmaxLoss):
         c_j ← c_j − α·Δc_j,   Δc_j = Σ_b [y_b = j](c_j − x_b) / (1 + Σ_b [y_b = j])
 
     so the centre term's gradient flows to the features only. Centres start at zero.
+    With :attr:`statistics_group` set (data-parallel training does it), the sums and counts
+    run over the global batch — every process's features and labels, gathered — so the
+    centres stay identical on every process and equal one process's update on the whole
+    batch (:mod:`facemetric.losses.cross_rank`).
     Wen, Zhang, Li, Qiao, "A Discriminative Feature Learning Approach for Deep Face
     Recognition", ECCV 2016.
     """
@@ -58,6 +63,7 @@ class CenterLoss(SoftmaxLoss):
 
     @torch.no_grad()
     def _update_centers(self, x: Tensor, labels: Tensor) -> None:
+        x, labels = gather_rows([x, labels], self.statistics_group)
         classes, slot = torch.unique(labels, return_inverse=True)
         counts = torch.bincount(slot, minlength=classes.numel()).to(x.dtype).unsqueeze(1)
         sums = x.new_zeros(classes.numel(), x.shape[1]).index_add_(0, slot, x)

@@ -16,12 +16,14 @@ from facemetric.models.registry import (
     check_face_batch,
     register_model,
 )
+from facemetric.models.small_cnn import SmallFaceCNN, small_cnn
 
 __all__ = [
     "INPUT_SIZE",
     "IResNet",
     "IResidualUnit",
     "MobileFaceNet",
+    "SmallFaceCNN",
     "available_models",
     "build_model",
     "check_face_batch",
@@ -31,4 +33,5 @@ __all__ = [
     "iresnet100",
     "mobilefacenet",
     "register_model",
+    "small_cnn",
 ]

@@ -15,7 +15,6 @@ shuffled batches. Any other loss is a *pair* loss and needs P×K batches.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
 import logging
@@ -95,14 +94,15 @@ LOSS_MODULES = ("facemetric.losses", "facemetric.losses.pair", "facemetric.losse
 
 
 def available_losses() -> dict[str, LossEntry]:
-    """Every loss a config can name (normalised name → entry)."""
+    """Every loss a config can name (normalised name → entry).
+
+    Raises:
+        ImportError: a loss module failed to import — the error itself, with its
+            traceback, so that a broken module is not mistaken for an unknown loss name.
+    """
     out: dict[str, LossEntry] = {}
     for name in LOSS_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError as err:  # a package still being written must not break the rest
-            logger.debug("cannot import %s: %s", name, err)
-            continue
+        module = importlib.import_module(name)
         for key, cls in _exported(module, nn.Module, "loss").items():
             if cls.__name__.endswith("Loss"):
                 out.setdefault(key, LossEntry(cls.__name__, cls, _takes(cls, "num_classes")))
@@ -192,7 +192,9 @@ def build_loss(config: LossConfig, num_classes: int, embedding_size: int) -> nn.
     """The configured loss, with its miner and distance.
 
     Classifier losses receive ``num_classes`` and ``embedding_size``; a miner is only
-    accepted for pair losses. Parameters are checked against the constructor.
+    accepted for pair losses. Parameters are checked against the constructor. Without
+    ``[loss] distance``, a loss class with a ``default_distance()`` (one whose margins have
+    fixed units, e.g. the hierarchical triplet loss) shares that distance with its miner.
 
     Raises:
         ValueError: unknown loss/miner/distance, unknown or invalid parameters, or a miner
@@ -206,6 +208,10 @@ def build_loss(config: LossConfig, num_classes: int, embedding_size: int) -> nn.
         if not _takes(entry.factory, "distance"):
             raise ValueError(f"{what} does not take a distance")
         distance = build_distance(config.distance, embedding_size)
+        params["distance"] = distance
+    elif config.miner is not None and callable(getattr(entry.factory, "default_distance", None)):
+        # a loss with fixed units (hierarchical triplet) lends its distance to the miner
+        distance = entry.factory.default_distance()  # type: ignore[attr-defined]
         params["distance"] = distance
     if config.miner is not None:
         if not _takes(entry.factory, "miner"):
@@ -261,20 +267,15 @@ def check_loss_config(config: LossConfig, embedding_size: int) -> None:
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    """The backbone: ``facemetric.models.build_model(name, embedding_size, **options)``,
-    or ``small_cnn`` (``facemetric.demo.SmallFaceCNN``, 3 channels, any input size >= 8)."""
-    if _key(config.name) == "smallcnn":
-        from facemetric.demo import SmallFaceCNN
-
-        options = {"in_channels": 3, **config.options}
-        factory = functools.partial(SmallFaceCNN, embedding_size=config.embedding_size)
-        return _call_checked(factory, options, "model 'small_cnn'", ("embedding_size",))
+    """The backbone: ``facemetric.models.build_model(name, embedding_size, **options)``."""
     from facemetric.models import build_model as build_backbone
 
     try:
         return build_backbone(config.name, config.embedding_size, **config.options)
     except TypeError as err:
-        raise ValueError(f"model {config.name!r}: {err}") from err
+        raise ValueError(
+            f"model {config.name!r}: unknown parameter in [model] options ({err})"
+        ) from err
 
 
 def parameter_groups(

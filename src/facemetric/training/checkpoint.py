@@ -7,28 +7,36 @@ never a partial ``checkpoint_*.pt``. A failed save removes its temporary file; t
 files left by a killed process are ignored by :func:`latest_checkpoint` and removed by the
 next save. Only the newest ``keep`` checkpoints are kept.
 
+A file can still be damaged after the fact (a full disk, a copy cut short):
+:func:`load_checkpoint` reports any unreadable file as a :class:`CheckpointError` (a
+``ValueError`` with a sentence, never a raw unpickling traceback), and
+:func:`load_newest_checkpoint` — what ``--resume`` uses — skips a damaged newest checkpoint,
+or one with NaN/Inf weights, with a warning and falls back to the previous one.
+
 Contents are plain containers of tensors, numbers and strings (NumPy and Python RNG states
 are converted), so they load with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import os
 import random
 import re
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from facemetric.atomic import TEMP_PREFIX, atomic_write
+
+logger = logging.getLogger(__name__)
+
 #: file name of the checkpoint after ``step`` optimiser steps
 CHECKPOINT_FORMAT = "checkpoint_{step:09d}.pt"
 _CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
-_TEMP_PREFIX = ".tmp-checkpoint-"
+_TEMP_PREFIX = TEMP_PREFIX + "checkpoint_"  # what atomic_write names its temporary files
 #: bump when the layout of the saved dictionary changes incompatibly
 FORMAT_VERSION = 1
 
@@ -57,40 +65,6 @@ def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. Windows: directories cannot be opened; the rename is durable
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Any], None]) -> Path:
-    """Write ``path`` atomically: ``write(binary_file)`` fills a temporary file in the same
-    folder, which is fsync-ed and renamed over ``path``. On any exception the temporary file
-    is removed, ``path`` is untouched and the exception propagates."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
 def save_checkpoint(
     state: dict[str, Any], directory: str | os.PathLike[str], step: int, keep: int = 3
 ) -> Path:
@@ -111,23 +85,108 @@ def save_checkpoint(
     return path
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: unreadable (truncated, not a torch file), not
+    a facemetric checkpoint, of another format version, or holding non-finite weights."""
+
+
 def load_checkpoint(
     path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
 ) -> dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
 
     Raises:
-        ValueError: the file is not a facemetric checkpoint, or of another format version.
+        FileNotFoundError: no such file.
+        CheckpointError: (a ``ValueError``) the file cannot be read — truncated or damaged —
+            or is not a facemetric checkpoint, or is of another format version.
     """
-    state = torch.load(Path(path), map_location=map_location, weights_only=True)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch/zip/pickle signal damage with many exception types
+        raise CheckpointError(
+            f"{path} cannot be read ({type(err).__name__}: {err}); the file is damaged or "
+            "truncated (e.g. a disk that filled up): delete it to resume from an older one"
+        ) from err
     if not isinstance(state, dict) or "format_version" not in state:
-        raise ValueError(f"{path} is not a facemetric training checkpoint")
+        raise CheckpointError(f"{path} is not a facemetric training checkpoint")
     if state["format_version"] != FORMAT_VERSION:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} has checkpoint format {state['format_version']}, this version of "
             f"facemetric reads format {FORMAT_VERSION}"
         )
     return state
+
+
+def _finite(t: torch.Tensor, block: int = 1 << 22) -> bool:
+    """Whether every entry of ``t`` is finite (checked in blocks: no full-size mask)."""
+    flat = t.detach().reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(block))
+
+
+def non_finite_tensors(state: dict[str, Any]) -> list[str]:
+    """Names (dotted paths) of the floating-point tensors in the nested ``state`` that hold a
+    NaN or an infinity."""
+    bad: list[str] = []
+
+    def visit(value: Any, name: str) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not _finite(value):
+                bad.append(name)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                visit(item, f"{name}.{key}" if name else str(key))
+        elif isinstance(value, list | tuple):
+            for i, item in enumerate(value):
+                visit(item, f"{name}.{i}")
+
+    visit(state, "")
+    return bad
+
+
+def load_newest_checkpoint(
+    directory: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest usable checkpoint of ``directory`` and its contents, or ``None`` if the
+    folder holds no checkpoint.
+
+    A checkpoint is usable when :func:`load_checkpoint` reads it and its model and loss
+    weights are finite. An unusable one (truncated by a crash of the disk rather than of the
+    process, damaged, or with NaN weights) is skipped with a warning naming it and why, and
+    the next older one is tried; the files are left in place.
+
+    Raises:
+        CheckpointError: there are checkpoints, but none is usable (each one's reason listed).
+    """
+    found = list_checkpoints(directory)
+    reasons: list[str] = []
+    for _, path in reversed(found):
+        try:
+            state = load_checkpoint(path, map_location=map_location)
+            bad = non_finite_tensors({"model": state.get("model", {}),
+                                      "loss": state.get("loss", {})})
+            if bad:
+                raise CheckpointError(
+                    f"{path} holds non-finite weights ({', '.join(bad[:5])}"
+                    f"{' ...' if len(bad) > 5 else ''})"
+                )
+        except (CheckpointError, FileNotFoundError) as err:
+            reasons.append(str(err))
+            logger.warning("cannot use %s: %s; falling back to the previous checkpoint",
+                           path.name, err)
+            continue
+        if reasons:
+            logger.warning("resuming from %s: %d newer checkpoint(s) could not be used",
+                           path, len(reasons))
+        return path, state
+    if reasons:
+        raise CheckpointError(
+            f"no usable checkpoint in {directory}: " + "; ".join(reasons)
+            + ". Move the damaged files away to start again, or resume from a copy"
+        )
+    return None
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -175,12 +234,15 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 __all__ = [
     "CHECKPOINT_FORMAT",
     "FORMAT_VERSION",
+    "CheckpointError",
     "atomic_write",
     "capture_rng_state",
     "checkpoint_path",
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "load_newest_checkpoint",
+    "non_finite_tensors",
     "restore_rng_state",
     "save_checkpoint",
 ]

@@ -143,6 +143,9 @@ class TrainLoopConfig:
     the backbone's weights and the image batches in NHWC layout: the same arithmetic,
     1.47× the bare training-step throughput of a 64×64 MobileFaceNet on 2 CPU cores, 1.32×
     the whole loop's (``docs/benchmarks.md``), and the layout tensor cores want under AMP.
+    ``max_skipped_steps``: a step whose gradient holds a NaN or an infinity (behind a finite
+    loss) is skipped — no optimiser update — with a warning, this many times in a run; one
+    more stops training with an error (0: stop at the first).
     """
 
     epochs: int = 1
@@ -155,6 +158,7 @@ class TrainLoopConfig:
     log_every: int = 50
     device: str = "auto"
     channels_last: bool = True
+    max_skipped_steps: int = 5
 
 
 @dataclass
@@ -199,6 +203,57 @@ class MiningConfig:
 
 
 @dataclass
+class ClassTreeConfig:
+    """The hierarchical triplet loss's global class tree (Ge et al. 2018; read when ``[loss]
+    name`` is ``hierarchical_triplet``; see :mod:`facemetric.training.structure`).
+
+    With ``enabled`` (the default) the whole dataset is embedded by the model (eval mode,
+    ``batch_size`` images at a time) before the first step and again every
+    ``refresh_every`` steps; a ``ClassTree`` is built from the class statistics (the loss's
+    ``num_levels``, in its distance's units) and handed to the loss, whose margins then come
+    from it, and to the batch sampler. Batches are anchor-neighbour batches:
+    ``[batch] p / classes_per_anchor`` anchor classes drawn at random, each followed by its
+    ``classes_per_anchor − 1`` nearest classes in the tree, ``[batch] k`` images per class.
+    The tree is saved in checkpoints. ``enabled = false``: P×K batches and a batch-local tree
+    each step.
+    """
+
+    enabled: bool = True
+    refresh_every: int = 1000
+    classes_per_anchor: int = 4
+    batch_size: int = 256
+
+
+@dataclass
+class MagnetConfig:
+    """The magnet loss's per-class k-means index (Rippel et al. 2016; read when ``[loss]
+    name`` is ``magnet``; see :mod:`facemetric.training.structure`).
+
+    With ``enabled`` (the default) the whole dataset is embedded by the model before the
+    first step and again every ``refresh_every`` steps, and reclustered into
+    ``clusters_per_class`` k-means clusters per class (``iterations`` Lloyd iterations at
+    most). Batches are neighbourhood batches: a seed cluster and its ``[batch] p − 1``
+    nearest impostor clusters, ``[batch] k`` images each; the loss gets each image's cluster
+    from the index. The clusters are saved in checkpoints. ``enabled = false``: P×K batches
+    and one cluster per class.
+    """
+
+    enabled: bool = True
+    refresh_every: int = 1000
+    clusters_per_class: int = 8
+    iterations: int = 20
+    batch_size: int = 256
+
+
+def structured_loss(name: str) -> str | None:
+    """``"class_tree"`` or ``"magnet"`` for the losses whose dataset-level state a config
+    section controls (by the registry's name matching), else ``None``."""
+    key = name.lower().replace("_", "").replace("-", "")
+    key = key[: -len("loss")] if key.endswith("loss") and key != "loss" else key
+    return {"hierarchicaltriplet": "class_tree", "magnet": "magnet"}.get(key)
+
+
+@dataclass
 class TrainConfig:
     """One experiment: ``seed``, ``output_dir`` and the sections above."""
 
@@ -214,6 +269,8 @@ class TrainConfig:
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
     partial_fc: PartialFCConfig = field(default_factory=PartialFCConfig)
     mining: MiningConfig = field(default_factory=MiningConfig)
+    class_tree: ClassTreeConfig = field(default_factory=ClassTreeConfig)
+    magnet: MagnetConfig = field(default_factory=MagnetConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (paths as strings): what a checkpoint stores."""
@@ -231,6 +288,8 @@ _SECTIONS: dict[str, type] = {
     "train": TrainLoopConfig,
     "partial_fc": PartialFCConfig,
     "mining": MiningConfig,
+    "class_tree": ClassTreeConfig,
+    "magnet": MagnetConfig,
 }
 
 
@@ -433,6 +492,8 @@ def check_config(config: TrainConfig, source: str = "config") -> None:
     _need(t.checkpoint_every >= 1, f"{s}: [train] checkpoint_every must be >= 1")
     _need(t.keep_checkpoints >= 1, f"{s}: [train] keep_checkpoints must be >= 1")
     _need(t.log_every >= 1, f"{s}: [train] log_every must be >= 1")
+    _need(t.max_skipped_steps >= 0,
+          f"{s}: [train] max_skipped_steps must be >= 0, got {t.max_skipped_steps}")
     _need(t.device in DEVICES, f"{s}: [train] device must be one of {DEVICES}, got "
           f"{t.device!r}")
     rate = config.partial_fc.sample_rate
@@ -455,13 +516,35 @@ def check_config(config: TrainConfig, source: str = "config") -> None:
           f"{s}: [mining] approximate must be ivf or hnsw, got {mi.approximate!r}")
     _need(mi.approximate_above is None or mi.approximate_above >= 0,
           f"{s}: [mining] approximate_above must be >= 0")
+    ct, mg = config.class_tree, config.magnet
+    for name, sec in (("class_tree", ct), ("magnet", mg)):
+        _need(sec.refresh_every >= 1, f"{s}: [{name}] refresh_every must be >= 1")
+        _need(sec.batch_size >= 1, f"{s}: [{name}] batch_size must be >= 1")
+    _need(ct.classes_per_anchor >= 1, f"{s}: [class_tree] classes_per_anchor must be >= 1")
+    _need(mg.clusters_per_class >= 1, f"{s}: [magnet] clusters_per_class must be >= 1")
+    _need(mg.iterations >= 1, f"{s}: [magnet] iterations must be >= 1")
+    kind = structured_loss(config.loss.name)
+    if kind is not None and getattr(config, kind).enabled:
+        what = "the class tree" if kind == "class_tree" else "the magnet clusters"
+        _need(b.p is not None and b.k is not None,
+              f"{s}: [{kind}] {what} builds the batches: set [batch] p and k")
+        _need(not mi.global_index,
+              f"{s}: [mining] global_index and [{kind}] both build the batches; set "
+              f"[mining] global_index = false or [{kind}] enabled = false")
+        if kind == "class_tree" and b.p is not None:
+            _need(b.p % ct.classes_per_anchor == 0,
+                  f"{s}: [class_tree] classes_per_anchor ({ct.classes_per_anchor}) must divide "
+                  f"[batch] p ({b.p}): a batch is p / classes_per_anchor anchors, each with "
+                  f"classes_per_anchor − 1 neighbours")
 
 
 __all__ = [
     "AugmentConfig",
     "BatchConfig",
+    "ClassTreeConfig",
     "DataConfig",
     "LossConfig",
+    "MagnetConfig",
     "MiningConfig",
     "ModelConfig",
     "OptimizerConfig",
@@ -472,4 +555,5 @@ __all__ = [
     "check_config",
     "config_from_dict",
     "load_config",
+    "structured_loss",
 ]

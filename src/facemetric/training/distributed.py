@@ -8,7 +8,12 @@ returns a :class:`DDPContext`. Nothing happens at import time. Under it the trai
 - wraps the backbone in ``DistributedDataParallel`` (gradients averaged over processes);
 - wraps the loss too when it has parameters that are not sharded (a classifier loss's
   centres, a learned distance), so they stay identical on every process; Partial FC's
-  sharded ``.weight`` is left alone — each process owns its rows;
+  sharded ``.weight`` is left alone — each process owns its rows. Loss state updated from
+  batch statistics (center loss's centres, AdaCos's scale) is computed over the global
+  batch (:mod:`facemetric.losses.cross_rank`), not broadcast from process 0;
+- makes every process agree before it stops: a NaN/Inf embedding or loss, or a non-finite
+  gradient, on any process is seen by all (:meth:`DDPContext.all_values`), so they raise
+  or skip together instead of leaving the others blocked in a collective;
 - shards the batches by rank (``PKSampler`` / ``ShuffledBatchSampler``), so the global batch
   is ``world_size`` × ``[batch]`` size;
 - averages the logged loss over processes and writes logs and checkpoints on rank 0 only.
@@ -57,7 +62,19 @@ class DDPContext(DistributedContext):
 
     def wrap_loss(self, loss: nn.Module) -> nn.Module:
         """``DistributedDataParallel`` over the loss's non-sharded trainable parameters; the
-        loss itself when it has none (a pair loss, or Partial FC's sharded centres only)."""
+        loss itself when it has none (a pair loss, or Partial FC's sharded centres only).
+
+        Loss state updated from batch statistics (center loss's centres, AdaCos's scale:
+        :class:`~facemetric.losses.cross_rank.CrossRankStatistics`) is computed over the
+        global batch: their ``statistics_group`` is set to every process. DDP's buffer
+        broadcast is off for the loss: its buffers are kept identical on every process by
+        construction — constants, counters every process advances alike, or statistics
+        reduced over all processes — whereas broadcasting would overwrite them with process
+        0's each step (a loss whose buffers follow the local batch must reduce them itself).
+        """
+        from facemetric.losses.cross_rank import set_statistics_group
+
+        set_statistics_group(loss, dist.group.WORLD)
         sharded = {f"{name}.weight".lstrip(".") for name, m in loss.named_modules()
                    if isinstance(m, PartialFC)}
         synced = [n for n, p in loss.named_parameters() if p.requires_grad and n not in sharded]
@@ -67,7 +84,8 @@ class DDPContext(DistributedContext):
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 loss, sorted(sharded)
             )
-        return DistributedDataParallel(loss, device_ids=self._device_ids(loss))
+        return DistributedDataParallel(loss, device_ids=self._device_ids(loss),
+                                       broadcast_buffers=False)
 
     def reduce_mean(self, value: float) -> float:
         """Mean of ``value`` over the processes (an all-reduce)."""
@@ -75,6 +93,15 @@ class DDPContext(DistributedContext):
         total = torch.tensor([float(value)], dtype=torch.float64, device=device)
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return float(total.item()) / self.world_size
+
+    def all_values(self, value: float) -> list[float]:
+        """``value`` of every process, in rank order (one all-reduce of ``world_size``
+        float64 numbers; a NaN or Inf stays in its own process's slot)."""
+        device = torch.device("cuda", self.local_rank) if self.backend == "nccl" else None
+        slots = torch.zeros(self.world_size, dtype=torch.float64, device=device)
+        slots[self.rank] = float(value)
+        dist.all_reduce(slots, op=dist.ReduceOp.SUM)
+        return [float(v) for v in slots.cpu().tolist()]
 
     def barrier(self) -> None:
         """Wait for every process."""

@@ -19,6 +19,24 @@ seeded by ``(seed, epoch, batch, position)`` (:func:`facemetric.data.transforms.
 so a run resumed with ``resume=True`` produces the same batches, losses and parameters as
 one never interrupted (bitwise on CPU), whatever the number of DataLoader workers. Rows
 of ``log.csv`` written after the checkpoint by the interrupted run are dropped on resume.
+Stateful losses resume too: their buffers (center loss's centres, AdaCos's scale,
+SphereFace's annealing counter) are part of the loss's state. With global hard mining the
+DataLoader is restarted after every index refresh, so no batch drawn ahead by a worker
+before the refresh is used after it (an interrupted and a resumed run draw every batch
+from the same neighbour table). A damaged newest checkpoint (unreadable, or with NaN/Inf
+weights) is skipped with a warning and the previous one used
+(:func:`~facemetric.training.checkpoint.load_newest_checkpoint`).
+
+**Never a broken model.** A NaN/Inf embedding or loss stops training with a
+``FloatingPointError`` naming the step (and, with several processes, the ranks: every
+process checks the others' values before it goes on, so all stop together instead of one
+raising while the others wait in a collective). A NaN/Inf gradient behind a finite loss is
+found before the optimiser step (from the gradient norm clipping computes, or computed for
+the check): the step is skipped — no optimiser update (its forward pass has run, so
+BatchNorm statistics and loss state saw the batch), counted as a step — with a warning, at
+most ``[train] max_skipped_steps`` times in a run (the count is checkpointed), then
+training stops with an error. A checkpoint is never written from non-finite weights. (Under fp16
+AMP on CUDA the grad scaler skips overflowing steps itself; those are not counted.)
 
 **Distributed.** Rank and world size live only in :class:`DistributedContext` (one process
 by default): the samplers shard by it, and model wrapping, metric reduction and barriers go
@@ -34,6 +52,7 @@ import csv
 import io
 import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -61,14 +80,15 @@ from facemetric.training.builders import (
 from facemetric.training.checkpoint import (
     atomic_write,
     capture_rng_state,
-    latest_checkpoint,
     list_checkpoints,
-    load_checkpoint,
+    load_newest_checkpoint,
+    non_finite_tensors,
     restore_rng_state,
     save_checkpoint,
 )
 from facemetric.training.config import TrainConfig, load_config
 from facemetric.training.row_sparse_sgd import clip_grad_norm
+from facemetric.training.structure import build_structure
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +97,7 @@ LOG_FIELDS = ("step", "epoch", "loss", "lr", "images_per_s", "wall_s")
 _RESUME_FREE_KEYS = {
     "train.epochs", "train.max_steps", "train.log_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.device", "data.num_workers", "output_dir",
+    "train.max_skipped_steps",
 }
 
 
@@ -130,6 +151,11 @@ class DistributedContext:
     def reduce_mean(self, value: float) -> float:
         """Mean of ``value`` over the processes (for logging)."""
         return value
+
+    def all_values(self, value: float) -> list[float]:
+        """``value`` of every process, in rank order (a collective under DDP: every process
+        calls it). The loop uses it to agree on failures before anyone raises."""
+        return [float(value)]
 
     def barrier(self) -> None:
         """Wait for every process."""
@@ -321,6 +347,37 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+def gradient_norm(params: Sequence[Tensor]) -> Tensor:
+    """The global L2 norm (float64) of the gradients of ``params`` — a sparse gradient
+    counts its stored values — or 0 when none has a gradient. It is NaN or infinite when a
+    gradient holds a NaN or an infinity (or values so large their squares overflow)."""
+    norms = []
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        values = g._values() if g.is_sparse else g
+        norms.append(torch.linalg.vector_norm(values).to(torch.float64))
+    if not norms:
+        return torch.zeros((), dtype=torch.float64)
+    device = norms[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+
+
+def _failing_ranks(ctx: DistributedContext, failed: bool) -> list[int]:
+    """The ranks on which ``failed`` holds (a collective with several processes)."""
+    if ctx.world_size == 1:
+        return [0] if failed else []
+    return [r for r, v in enumerate(ctx.all_values(1.0 if failed else 0.0)) if v != 0.0]
+
+
+def _where(ranks: Sequence[int], ctx: DistributedContext) -> str:
+    if ctx.world_size == 1:
+        return ""
+    return (f" on rank {', '.join(map(str, ranks))} of {ctx.world_size} (every rank stops "
+            "here)")
+
+
 def _autocast(config: TrainConfig, device: torch.device) -> tuple[bool, torch.dtype]:
     t = config.train
     dtype = torch.bfloat16 if t.amp_dtype == "bf16" else torch.float16
@@ -441,7 +498,11 @@ def train(
 
     Raises:
         FileExistsError: ``output_dir`` has checkpoints and ``resume`` is false.
-        FloatingPointError: the loss became NaN or infinite.
+        FloatingPointError: the embeddings or the loss became NaN or infinite (on any
+            process), the gradient did more than ``[train] max_skipped_steps`` times, or the
+            weights to checkpoint are not finite (nothing is written then).
+        CheckpointError: (a ``ValueError``) resuming, and no checkpoint of ``output_dir``
+            can be used (each damaged or holding non-finite weights).
         ValueError: an inconsistent configuration (e.g. a pair loss without P×K batches).
     """
     ctx = context or DistributedContext()
@@ -474,8 +535,14 @@ def train(
     b = config.batch
     sampler: Any
     refresher: Any = None  # global hard-negative mining ([mining] global_index)
+    # the hierarchical triplet's class tree / the magnet clusters ([class_tree], [magnet]):
+    # one object is the batch sampler and the refresher (facemetric.training.structure)
+    structure = build_structure(config, labels, dataset, num_replicas=ctx.world_size,
+                                rank=ctx.rank, device=device)
     if b.p is not None and b.k is not None and config.mining.global_index:
         sampler, refresher = _hard_identity_batches(config, labels, dataset, ctx, device)
+    elif structure is not None:
+        sampler = refresher = structure
     elif b.p is not None and b.k is not None:
         sampler = PKSampler(labels, b.p, b.k, seed=config.seed,
                             num_replicas=ctx.world_size, rank=ctx.rank)
@@ -495,7 +562,9 @@ def train(
         padding=a.padding, brightness=a.brightness, contrast=a.contrast,
         saturation=a.saturation, blur_prob=a.blur_prob, grayscale_prob=a.grayscale_prob,
     )
-    data = AugmentedDataset(dataset, transform)
+    data = AugmentedDataset(
+        dataset if structure is None else structure.training_dataset(dataset), transform
+    )
 
     # ---- model, loss, optimiser
     if model is None:
@@ -513,6 +582,8 @@ def train(
             loss = build_partial_fc(loss, config.partial_fc.sample_rate, rank=ctx.rank,
                                     world_size=ctx.world_size, seed=config.seed,
                                     sparse_grad=sparse)
+    if structure is not None:
+        loss = structure.attach(loss)
     model.to(device)
     memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)  # a no-op for parameters that are not 4-d
@@ -532,9 +603,11 @@ def train(
     history: list[float] = []
     elapsed_before = 0.0
     resumed_from: int | None = None
-    ckpt_path = latest_checkpoint(out_dir) if resume else None
-    if ckpt_path is not None:
-        state = load_checkpoint(ckpt_path, map_location="cpu")
+    skipped = 0  # steps skipped for a non-finite gradient, over the whole run
+    loaded = load_newest_checkpoint(out_dir, map_location="cpu") if resume else None
+    ckpt_path = None if loaded is None else loaded[0]
+    if loaded is not None:
+        ckpt_path, state = loaded
         _warn_config_changes(state["config"], config.to_dict())
         if state["steps_per_epoch"] != steps_per_epoch:
             raise ValueError(
@@ -556,6 +629,7 @@ def train(
             sampler.load_state_dict(state["hard_sampler"])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         history = state["losses"].tolist()
+        skipped = int(state.get("skipped_steps", 0))
         elapsed_before = float(state["elapsed"])
         resumed_from = step
         logger.info("resumed from %s (step %d, epoch %d, batch %d)", ckpt_path, step, epoch,
@@ -580,10 +654,13 @@ def train(
             **({"hard_sampler": sampler.state_dict()} if refresher is not None else {}),
             "rng": capture_rng_state(),
             "losses": torch.tensor(history, dtype=torch.float64),
+            "skipped_steps": skipped,
             "elapsed": elapsed_before + time.perf_counter() - started,
             "config": config.to_dict(),
         }
 
+    if structure is not None and not structure.ready:  # built before the first batch
+        structure.refresh(ctx.unwrap_model(model), step)
     last_ckpt: Path | None = ckpt_path
     loader_gen = torch.Generator()  # keeps the DataLoader off the global RNG
     bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
@@ -611,18 +688,47 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     embeddings = net(images)
-                value = loss_fn(embeddings.float(), targets)
-                if not torch.isfinite(value):
+                # Every process learns whether any other failed before it goes on (a process
+                # that raised alone would leave the others blocked in the next collective).
+                bad = _failing_ranks(ctx, not bool(torch.isfinite(embeddings).all()))
+                if bad:
                     raise FloatingPointError(
-                        f"the loss is {value.item()} at step {step + 1}; lower [optimizer] lr "
-                        "or set [train] grad_clip"
+                        f"the embeddings hold NaN or Inf at step {step + 1}{_where(bad, ctx)}; "
+                        "lower [optimizer] lr or set [train] grad_clip"
+                    )
+                value = loss_fn(embeddings.float(), targets)
+                values = ctx.all_values(float(value.detach()))
+                bad = [r for r, v in enumerate(values) if not math.isfinite(v)]
+                if bad:
+                    raise FloatingPointError(
+                        f"the loss is {values[bad[0]]} at step {step + 1}{_where(bad, ctx)}; "
+                        "lower [optimizer] lr or set [train] grad_clip"
                     )
                 scaler.scale(value).backward()
+                norm: Tensor | None = None
                 if config.train.grad_clip is not None:
                     scaler.unscale_(optimizer)
-                    clip_grad_norm(params, config.train.grad_clip)
+                    norm = clip_grad_norm(params, config.train.grad_clip)
                 lr = float(optimizer.param_groups[0]["lr"])
-                scaler.step(optimizer)
+                skip: list[int] = []
+                if not scaler.is_enabled():  # an fp16 grad scaler skips overflows itself
+                    if norm is None:
+                        norm = gradient_norm(params)
+                    skip = _failing_ranks(ctx, not bool(torch.isfinite(norm)))
+                if skip:
+                    skipped += 1
+                    what = (f"the gradient is not finite (norm {float(norm):g}) at step "
+                            f"{step + 1}{_where(skip, ctx)} behind a finite loss")
+                    if skipped > config.train.max_skipped_steps:
+                        raise FloatingPointError(
+                            f"{what}: {skipped} such steps, more than [train] "
+                            f"max_skipped_steps = {config.train.max_skipped_steps}; lower "
+                            "[optimizer] lr, set [train] grad_clip or check the data"
+                        )
+                    logger.warning("%s: step skipped (no update; %d of at most %d)", what,
+                                   skipped, config.train.max_skipped_steps)
+                else:
+                    scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
 
@@ -631,12 +737,14 @@ def train(
                 batch_in_epoch += 1
                 if batch_in_epoch == steps_per_epoch:
                     epoch, batch_in_epoch = epoch + 1, 0
-                history.append(ctx.reduce_mean(float(value.detach())))
+                history.append(sum(values) / len(values))
                 window_steps += 1
                 run_images += batch_images
                 bar.update(1)
+                restart = False
                 if refresher is not None and refresher.due(step):  # kept out of img/s
                     window_start += refresher.refresh(ctx.unwrap_model(model), step)
+                    restart = True  # batches the workers drew ahead used the old table
                 if step % config.train.log_every == 0 or step == total_steps:
                     now = time.perf_counter()
                     rate = window_steps * batch_images / max(now - window_start, 1e-9)
@@ -655,14 +763,24 @@ def train(
                         loss_state, optim_state = gather_sharded_state(loss, optimizer)
                     else:
                         loss_state, optim_state = loss.state_dict(), optimizer.state_dict()
+                    broken = non_finite_tensors(
+                        {"model": ctx.unwrap_model(model).state_dict(), "loss": loss_state}
+                    )
+                    if _failing_ranks(ctx, bool(broken)):
+                        raise FloatingPointError(
+                            f"the weights are not finite after step {step} "
+                            f"({', '.join(broken[:5])}); no checkpoint written — the last "
+                            f"one, {last_ckpt}, is intact: resume from it with a lower "
+                            "[optimizer] lr or [train] grad_clip"
+                        )
                     if ctx.is_main:
                         last_ckpt = save_checkpoint(make_state(loss_state, optim_state),
                                                     out_dir, step, config.train.keep_checkpoints)
                     ctx.barrier()
                 if on_step is not None:
                     on_step(StepInfo(step, step_epoch, batch_in_epoch, history[-1], lr))
-                if step >= total_steps:
-                    break
+                if step >= total_steps or restart:
+                    break  # a restart: the next loader starts at batch_in_epoch
     finally:
         bar.close()
 

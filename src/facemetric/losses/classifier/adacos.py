@@ -9,10 +9,11 @@ from torch import Tensor
 
 from facemetric.losses.classifier.chunked import DEFAULT_CHUNK_SIZE, RescaleFn
 from facemetric.losses.classifier.head import NormalizedClassifierLoss
+from facemetric.losses.cross_rank import CrossRankStatistics, gather_rows
 from facemetric.losses.margins import NoMargin
 
 
-class AdaCosLoss(NormalizedClassifierLoss):
+class AdaCosLoss(CrossRankStatistics, NormalizedClassifierLoss):
     """Normalised softmax with an adaptive scale and no margin.
 
     ``ℓ = mean_b −log softmax(s̃·cos θ_b)[y_b]`` (mean over the batch). Fixed AdaCos
@@ -26,8 +27,12 @@ class AdaCosLoss(NormalizedClassifierLoss):
     mean of the two middle angles for an even batch). ``s̃`` is kept ≥ ``MIN_SCALE``:
     ``ln B_avg`` turns ≤ 0 only if every non-target cosine is very negative, and from a tiny
     ``s̃`` the next step's ``B_avg ≈ C − 1`` restores it. Evaluation mode uses the current
-    scale unchanged. Zhang et al., "AdaCos: Adaptively Scaling Cosine Logits for Effectively
-    Learning Deep Face Representations", CVPR 2019.
+    scale unchanged. With :attr:`statistics_group` set (data-parallel training does it),
+    ``B_avg`` and ``θ_med`` are taken over the global batch (every process's per-sample
+    values, gathered), so every process uses the same ``s̃`` — the one a single process
+    computes on the whole batch (:mod:`facemetric.losses.cross_rank`). Zhang et al.,
+    "AdaCos: Adaptively Scaling Cosine Logits for Effectively Learning Deep Face
+    Representations", CVPR 2019.
     """
 
     current_scale: Tensor
@@ -58,6 +63,8 @@ class AdaCosLoss(NormalizedClassifierLoss):
 
     @torch.no_grad()
     def _rescale(self, nontarget_lse: Tensor, cos_target: Tensor) -> Tensor:
+        nontarget_lse, cos_target = gather_rows([nontarget_lse, cos_target],
+                                                self.statistics_group)
         log_b_avg = torch.logsumexp(nontarget_lse, dim=0) - math.log(nontarget_lse.numel())
         theta_med = torch.quantile(torch.acos(cos_target.clamp(-1.0, 1.0)), 0.5)
         new = log_b_avg / torch.cos(theta_med.clamp(max=math.pi / 4))

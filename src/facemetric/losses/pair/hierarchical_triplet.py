@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Sampler
 
+from facemetric.data.samplers import epoch_generator
 from facemetric.distances import Distance, SquaredEuclideanDistance
 from facemetric.losses.pair.base import TupleLoss, zero_loss
 from facemetric.miners.base import Miner
@@ -162,6 +163,19 @@ class ClassTree:
         node_of = _merge_levels(mu, v, n, dist, thresholds)
         return cls(classes, counts, mu, v, inner, thresholds, node_of)
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """The tree's tensors by field name (what a training checkpoint stores)."""
+        return {f.name: getattr(self, f.name).detach().cpu().clone() for f in fields(self)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Tensor]) -> ClassTree:
+        """The tree saved by :meth:`state_dict`."""
+        names = [f.name for f in fields(cls)]
+        missing = sorted(set(names) - set(state))
+        if missing:
+            raise ValueError(f"not a saved ClassTree: the state lacks {missing}")
+        return cls(**{name: state[name].clone() for name in names})
+
     def index_of(self, labels: Tensor) -> Tensor:
         """Row of each label in the tree's arrays; ``ValueError`` for a class it does not know."""
         classes = self.classes.to(labels.device)
@@ -279,23 +293,33 @@ class AnchorNeighborSampler(Sampler[list[int]]):
     Each batch: ``anchors_per_batch`` (``l'``) anchor classes drawn at random, and for each its
     ``classes_per_anchor − 1`` (``m − 1``) nearest classes in the tree not yet in the batch,
     ``images_per_class`` (``t``) images of each class (without replacement when the class has
-    enough, with replacement otherwise) — ``l'·m·t`` indices. Use as
-    ``DataLoader(batch_sampler=...)``.
+    enough, with replacement otherwise) — ``l'·m·t`` indices, laid out class by class, each
+    anchor followed by its neighbours. Use as ``DataLoader(batch_sampler=...)``.
 
     Assign ``sampler.tree = ClassTree.build(...)`` after each rebuild: the setter precomputes
     every class's nearest neighbours (part of the rebuild's cost, not the per-batch cost) and
-    the next batch uses them. The tree must contain every class of ``labels``.
+    the next batch uses them. The tree must contain every class of ``labels``; it may be
+    ``None`` at construction (iterating then raises until one is assigned).
+
+    **Determinism**: batch ``b`` of epoch ``e`` (:meth:`set_epoch`) is drawn from its own
+    generator seeded by ``(seed, e, b·num_replicas + rank)``, so it depends only on those and
+    the tree in use — a resumed run redraws the same batches, and ``num_replicas`` processes
+    draw different ones. An epoch has ``num_batches`` batches per process (default: the
+    number of images over the batch size and the processes, at least 1).
     """
 
     def __init__(
         self,
         labels: Tensor | np.ndarray,
-        tree: ClassTree,
+        tree: ClassTree | None,
         anchors_per_batch: int,
         classes_per_anchor: int,
         images_per_class: int,
         num_batches: int | None = None,
         seed: int = 0,
+        *,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
         super().__init__()
         lab = torch.as_tensor(np.asarray(labels))
@@ -304,15 +328,22 @@ class AnchorNeighborSampler(Sampler[list[int]]):
         lab = lab.to(torch.int64)
         if min(anchors_per_batch, classes_per_anchor, images_per_class) < 1:
             raise ValueError("anchors_per_batch, classes_per_anchor, images_per_class must be >= 1")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"bad rank {rank} for num_replicas {num_replicas}")
         self.labels = lab
         self.anchors_per_batch = anchors_per_batch
         self.classes_per_anchor = classes_per_anchor
         self.images_per_class = images_per_class
         self.batch_size = anchors_per_batch * classes_per_anchor * images_per_class
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
         self.num_batches = (
-            max(lab.numel() // self.batch_size, 1) if num_batches is None else num_batches
+            max(lab.numel() // (self.batch_size * self.num_replicas), 1)
+            if num_batches is None
+            else int(num_batches)
         )
-        self._gen = torch.Generator().manual_seed(seed)
+        if self.num_batches < 1:
+            raise ValueError(f"num_batches must be >= 1, got {num_batches}")
+        self.seed, self.epoch = int(seed), 0
         self._order = torch.argsort(lab, stable=True)
         self._classes, self._counts = torch.unique(lab, return_counts=True)
         self._starts = torch.cumsum(self._counts, 0) - self._counts
@@ -321,10 +352,12 @@ class AnchorNeighborSampler(Sampler[list[int]]):
                 f"a batch needs {anchors_per_batch * classes_per_anchor} classes, the labels "
                 f"have {self._classes.numel()}"
             )
-        self.tree = tree
+        self._tree: ClassTree | None = None
+        if tree is not None:
+            self.tree = tree
 
     @property
-    def tree(self) -> ClassTree:
+    def tree(self) -> ClassTree | None:
         return self._tree
 
     @tree.setter
@@ -343,18 +376,31 @@ class AnchorNeighborSampler(Sampler[list[int]]):
         self._neighbours = torch.cat(chunks) if chunks else torch.empty(0, 0, dtype=torch.long)
         self._tree = tree
 
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose batches the next ``iter()`` produces."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = int(epoch)
+
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        for _ in range(self.num_batches):
-            yield self._batch()
+        for b in range(self.num_batches):
+            number = b * self.num_replicas + self.rank
+            yield self._batch(epoch_generator(self.seed, self.epoch, 0xA7C4, number))
 
-    def _batch(self) -> list[int]:
-        tree, rows, row_to_k = self._tree, self._rows, self._row_to_k
+    def _batch(self, gen: torch.Generator) -> list[int]:
+        tree = self._tree
+        if tree is None:
+            raise ValueError(
+                "AnchorNeighborSampler has no class tree yet; assign sampler.tree = "
+                "ClassTree.build(embeddings, labels) before drawing batches"
+            )
+        rows, row_to_k = self._rows, self._row_to_k
         used = row_to_k < 0  # tree classes absent from these labels are never picked
         chosen: list[Tensor] = []
-        for k in torch.randperm(rows.numel(), generator=self._gen).tolist():
+        for k in torch.randperm(rows.numel(), generator=gen).tolist():
             if len(chosen) == self.anchors_per_batch:
                 break
             anchor = rows[k]
@@ -371,11 +417,11 @@ class AnchorNeighborSampler(Sampler[list[int]]):
         ks = row_to_k[torch.cat(chosen)]
         t = self.images_per_class
         counts, starts = self._counts[ks], self._starts[ks]
-        keys = torch.rand(ks.numel(), int(counts.max()), generator=self._gen)
+        keys = torch.rand(ks.numel(), int(counts.max()), generator=gen)
         keys[torch.arange(keys.shape[1])[None, :] >= counts[:, None]] = 2.0  # padding last
         perm = F.pad(torch.argsort(keys, dim=1), (0, max(t - keys.shape[1], 0)))[:, :t]
         # classes with fewer than t images: draw with replacement
-        repl = (torch.rand(ks.numel(), t, generator=self._gen) * counts[:, None]).long()
+        repl = (torch.rand(ks.numel(), t, generator=gen) * counts[:, None]).long()
         offsets = torch.where((counts >= t)[:, None], perm, repl)
         return self._order[starts[:, None] + offsets].reshape(-1).tolist()
 
@@ -388,14 +434,20 @@ class HierarchicalTripletLoss(TupleLoss):
     ``tree``). The mean runs over all triplets given (or all valid triplets of the batch),
     zeros included. ``tuples`` must be ``Triplets`` (or come from a triplet miner).
 
-    The tree is squared-Euclidean on L2-normalised embeddings, so the default ``distance`` is
-    ``SquaredEuclideanDistance(normalize=True)``: margins and distances then share units (the
-    paper writes plain norms in the loss; with them ``α_z`` would be in other units).
+    **Units.** ``α_z`` is a squared Euclidean distance (between L2-normalised embeddings
+    in the paper's setting), so the loss measures in the same units: its ``distance`` is a
+    ``SquaredEuclideanDistance`` — ``normalize=True`` by default (the paper writes plain
+    norms in the loss; with them ``α_z`` would be in other units). A miner must measure in
+    those units too (a ``SquaredEuclideanDistance`` with the same ``normalize``), since it
+    ranks and thresholds the triplets the margin is then added to; anything else raises
+    ``ValueError``. Give the miner the loss's distance (``default_distance()``), as a
+    training config does when ``[loss] distance`` is unset.
 
     Without a tree (``tree=None``) each batch builds one from its own class statistics
     (``ClassTree.build(embeddings.detach(), labels, num_levels)``, a detached, batch-local
-    hierarchy); set ``loss.tree = ClassTree.build(...)`` on the whole dataset each epoch to get
-    the paper's global margin.
+    hierarchy in the same units); set ``loss.tree = ClassTree.build(...)`` on the whole
+    dataset each epoch to get the paper's global margin — what a training config does by
+    default (``[class_tree]``, :mod:`facemetric.training.structure`).
     """
 
     def __init__(
@@ -407,12 +459,24 @@ class HierarchicalTripletLoss(TupleLoss):
         distance: Distance | None = None,
         miner: Miner | None = None,
     ) -> None:
-        if distance is None and miner is None:
-            distance = SquaredEuclideanDistance(normalize=True)
+        if distance is None:
+            distance = self.default_distance()
+        _check_units(distance, miner)
         super().__init__(distance=distance, miner=miner)
         self.tree = tree
         self.beta = float(beta)
         self.num_levels = int(num_levels)
+
+    @staticmethod
+    def default_distance() -> SquaredEuclideanDistance:
+        """The loss's units when none are given: squared distances of L2-normalised embeddings
+        (the paper's). A training config lends it to the miner it names."""
+        return SquaredEuclideanDistance(normalize=True)
+
+    @property
+    def normalize(self) -> bool:
+        """Whether distances (and trees built for this loss) use L2-normalised embeddings."""
+        return bool(self.distance.normalize)  # type: ignore[attr-defined]
 
     def margins(self, labels: Tensor, tree: ClassTree) -> tuple[Tensor, Tensor]:
         """``(M, inv)``: ``M[i, j] = β + d_H(c_i, c_j) − s_{c_i}`` over the batch's classes
@@ -442,7 +506,9 @@ class HierarchicalTripletLoss(TupleLoss):
             return zero_loss(embeddings)
         tree = self.tree
         if tree is None:
-            tree = ClassTree.build(embeddings.detach(), labels, num_levels=self.num_levels)
+            tree = ClassTree.build(
+                embeddings.detach(), labels, num_levels=self.num_levels, normalize=self.normalize
+            )
         margin, inv = self.margins(labels, tree)
         margin = margin.to(device=dist.device, dtype=dist.dtype)
         if tuples is not None:
@@ -454,6 +520,35 @@ class HierarchicalTripletLoss(TupleLoss):
         hinge = dist[a, p][:, None] - dist[a] + margin[inv[a]][:, inv]
         valid = neg[a]
         return F.relu(hinge).masked_fill(~valid, 0.0).sum() / valid.sum()
+
+
+def _units(distance: Distance) -> str:
+    name = type(distance).__name__
+    return f"{name}(normalize={getattr(distance, 'normalize', '?')})"
+
+
+def _check_units(distance: Distance, miner: Miner | None) -> None:
+    """``ValueError`` unless ``distance`` (and the miner's) are squared Euclidean alike."""
+    if type(distance) is not SquaredEuclideanDistance:
+        raise ValueError(
+            f"HierarchicalTripletLoss: the tree's margins are squared Euclidean distances, so "
+            f"the loss must measure in them; got distance={_units(distance)}. Pass "
+            "SquaredEuclideanDistance(normalize=True) (the paper's units, the default) or "
+            "SquaredEuclideanDistance() for unnormalised embeddings"
+        )
+    if miner is None:
+        return
+    mined = miner.distance
+    if type(mined) is not SquaredEuclideanDistance or mined.normalize != distance.normalize:
+        raise ValueError(
+            f"HierarchicalTripletLoss: the miner {type(miner).__name__} measures with "
+            f"{_units(mined)} but the loss's margins are in {_units(distance)} units, so it "
+            "would rank and threshold triplets on another scale than the loss. Build the miner "
+            "with the loss's distance, e.g. "
+            f"{type(miner).__name__}(distance=HierarchicalTripletLoss.default_distance()); in a "
+            "training config leave [loss] distance unset (the miner then gets the loss's) or "
+            'set it to "squared_euclidean" (unnormalised embeddings, for both)'
+        )
 
 
 __all__ = ["AnchorNeighborSampler", "ClassTree", "HierarchicalTripletLoss"]

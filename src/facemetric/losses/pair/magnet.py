@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Sampler
 
+from facemetric.data.samplers import epoch_generator
 from facemetric.distances import SquaredEuclideanDistance
 from facemetric.losses.pair.base import TupleLoss, has_positive_pair
 from facemetric.tuples import Pairs, Triplets
@@ -73,14 +74,21 @@ class MagnetClusterIndex:
         """Cluster id of each dataset index (for ``MagnetLoss(..., cluster_ids=...)``)."""
         return self._require()[2][indices]
 
-    def refresh(self, embeddings: Tensor, labels: Tensor) -> None:
-        """Recluster: ``K`` k-means clusters per class of ``embeddings`` ``(N, D)``."""
+    def refresh(
+        self, embeddings: Tensor, labels: Tensor, *, generator: torch.Generator | None = None
+    ) -> None:
+        """Recluster: ``K`` k-means clusters per class of ``embeddings`` ``(N, D)``.
+
+        The k-means++ seeding draws from ``generator`` when given (a training run seeds one
+        per refresh, so a resumed run reclusters identically), else from the index's own
+        generator (seeded at construction, advanced by every refresh).
+        """
         check_embeddings(embeddings, labels)
         x = embeddings.detach()
         _, cls = torch.unique(labels.detach(), return_inverse=True)
         C = int(cls.max()) + 1
         K = self.clusters_per_class
-        centres, valid = self._seed(x, cls, C, K)
+        centres, valid = self._seed(x, cls, C, K, self._gen if generator is None else generator)
         assign = torch.full_like(cls, -1)
         for _ in range(self.iterations):
             new = self._assign(x, cls, centres, valid, K)
@@ -94,16 +102,38 @@ class MagnetClusterIndex:
         counts = torch.bincount(assign, minlength=C * K)
         keep = counts > 0
         new_id = torch.cumsum(keep.long(), 0) - 1
-        self.centres = centres[keep]
-        self._centre_sq = (self.centres * self.centres).sum(1)
-        self.cluster_labels = labels.detach()[_first_of(cls, C)][keep.nonzero()[:, 0] // K]
-        self.assignments = new_id[assign]
+        self._set(centres[keep], labels.detach()[_first_of(cls, C)][keep.nonzero()[:, 0] // K],
+                  new_id[assign])
+
+    def _set(self, centres: Tensor, cluster_labels: Tensor, assignments: Tensor) -> None:
+        self.centres, self.cluster_labels, self.assignments = centres, cluster_labels, assignments
+        self._centre_sq = (centres * centres).sum(1)
         # members of each cluster, contiguous (for the batch sampler)
-        self.member_order = torch.argsort(self.assignments.cpu(), stable=True)
-        self.member_counts = counts[keep].cpu()
+        self.member_order = torch.argsort(assignments.cpu(), stable=True)
+        self.member_counts = torch.bincount(assignments.cpu(), minlength=centres.shape[0])
         self.member_starts = torch.cumsum(self.member_counts, 0) - self.member_counts
 
-    def _seed(self, x: Tensor, cls: Tensor, C: int, K: int) -> tuple[Tensor, Tensor]:
+    def state_dict(self) -> dict[str, Tensor | None]:
+        """Centres, cluster labels and assignments (``None`` before the first refresh)."""
+        def saved(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.detach().cpu().clone()
+
+        return {"centres": saved(self.centres), "cluster_labels": saved(self.cluster_labels),
+                "assignments": saved(self.assignments)}
+
+    def load_state_dict(self, state: dict[str, Tensor | None]) -> None:
+        """Restore :meth:`state_dict` (the member lists are recomputed)."""
+        centres, cl_labels, assign = state["centres"], state["cluster_labels"], state["assignments"]
+        if centres is None or cl_labels is None or assign is None:
+            self.centres = self.cluster_labels = self.assignments = None
+            return
+        if int(assign.max()) >= centres.shape[0] or cl_labels.shape[0] != centres.shape[0]:
+            raise ValueError("inconsistent MagnetClusterIndex state: ids past the centres")
+        self._set(centres.clone(), cl_labels.clone(), assign.clone())
+
+    def _seed(
+        self, x: Tensor, cls: Tensor, C: int, K: int, gen: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
         """k-means++ seeding per class: slot ``c·K + r`` gets class ``c``'s ``r``-th seed."""
         N = x.shape[0]
         centres = torch.zeros(C * K, x.shape[1], dtype=x.dtype, device=x.device)
@@ -117,7 +147,7 @@ class MagnetClusterIndex:
             # the smallest Exp(1)/w per class, w = D² (never a sample already taken)
             w = torch.ones_like(nearest) if r == 0 else nearest.clone()
             w[taken] = 0.0
-            expo = -torch.log(torch.rand(N, generator=self._gen, dtype=x.dtype).clamp_min(1e-300))
+            expo = -torch.log(torch.rand(N, generator=gen, dtype=x.dtype).clamp_min(1e-300))
             key = (expo.to(x.device) / w).masked_fill(taken, float("inf"))
             best = torch.full((C,), float("inf"), dtype=x.dtype, device=x.device)
             best = best.scatter_reduce(0, cls, key, "amin")
@@ -171,9 +201,15 @@ class MagnetBatchSampler(Sampler[list[int]]):
 
     Each batch: a seed cluster drawn uniformly, its ``clusters_per_batch − 1`` nearest impostor
     clusters, ``samples_per_cluster`` members of each (without replacement when the cluster is
-    big enough, with replacement otherwise). The index is read at every batch, so a
-    ``refresh`` takes effect at once. The loss's cluster ids: ``index.cluster_ids(batch)``.
-    (The paper also draws seeds in proportion to their recent loss; here they are uniform.)
+    big enough, with replacement otherwise), laid out cluster by cluster, the seed first. The
+    index is read at every batch, so a ``refresh`` takes effect at once. The loss's cluster
+    ids: ``index.cluster_ids(batch)``. (The paper also draws seeds in proportion to their
+    recent loss; here they are uniform.)
+
+    **Determinism**: batch ``b`` of epoch ``e`` (:meth:`set_epoch`) is drawn from its own
+    generator seeded by ``(seed, e, b·num_replicas + rank)``: it depends only on those and the
+    index, so a resumed run redraws the same batches and processes draw different ones.
+    ``num_batches`` is the number of batches per epoch and process.
     """
 
     def __init__(
@@ -183,27 +219,40 @@ class MagnetBatchSampler(Sampler[list[int]]):
         samples_per_cluster: int,
         num_batches: int,
         seed: int = 0,
+        *,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
         super().__init__()
         if min(clusters_per_batch, samples_per_cluster, num_batches) < 1:
             raise ValueError("clusters_per_batch, samples_per_cluster, num_batches must be >= 1")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"bad rank {rank} for num_replicas {num_replicas}")
         self.index = index
         self.clusters_per_batch = clusters_per_batch
         self.samples_per_cluster = samples_per_cluster
         self.num_batches = num_batches
-        self._gen = torch.Generator().manual_seed(seed)
+        self.seed, self.epoch = int(seed), 0
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose batches the next ``iter()`` produces."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        for _ in range(self.num_batches):
-            yield self._batch()
+        for b in range(self.num_batches):
+            number = b * self.num_replicas + self.rank
+            yield self._batch(epoch_generator(self.seed, self.epoch, 0x3A6E, number))
 
-    def _batch(self) -> list[int]:
+    def _batch(self, gen: torch.Generator) -> list[int]:
         self.index._require()
         Q = self.index.num_clusters
-        seed = int(torch.randint(Q, (1,), generator=self._gen))
+        seed = int(torch.randint(Q, (1,), generator=gen))
         chosen = torch.cat(
             [
                 torch.tensor([seed]),
@@ -212,10 +261,10 @@ class MagnetBatchSampler(Sampler[list[int]]):
         )
         order, starts = self.index.member_order, self.index.member_starts
         n, t = self.index.member_counts[chosen], self.samples_per_cluster
-        keys = torch.rand(chosen.numel(), int(n.max()), generator=self._gen)
+        keys = torch.rand(chosen.numel(), int(n.max()), generator=gen)
         keys[torch.arange(keys.shape[1])[None, :] >= n[:, None]] = 2.0  # padding last
         perm = F.pad(torch.argsort(keys, dim=1), (0, max(t - keys.shape[1], 0)))[:, :t]
-        repl = (torch.rand(chosen.numel(), t, generator=self._gen) * n[:, None]).long()
+        repl = (torch.rand(chosen.numel(), t, generator=gen) * n[:, None]).long()
         offsets = torch.where((n >= t)[:, None], perm, repl)
         return order[starts[chosen][:, None] + offsets].reshape(-1).tolist()
 

@@ -82,7 +82,7 @@ def require_triplets(tuples: Pairs | Triplets, loss_name: str) -> Triplets:
 
 
 def all_triplets_hinge_sum(
-    pos_dist: Tensor, neg_dist: Tensor, pos: Tensor, neg: Tensor, margin: float
+    pos_dist: Tensor, neg_dist: Tensor, pos: Tensor, neg: Tensor, margin: float | Tensor
 ) -> Tensor:
     """``Σ_a Σ_{p: pos[a,p]} Σ_{n: neg[a,n]} [pos_dist[a,p] − neg_dist[a,n] + margin]₊``.
 

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from facemetric.evaluation.embed import Embedder
+from facemetric.atomic import atomic_write_text
 from facemetric.evaluation.plots import _new_figure, _save_figure
 from facemetric.evaluation.protocols import PairList, read_lfw_pairs
 from facemetric.evaluation.report import (
@@ -60,11 +60,11 @@ from facemetric.evaluation.report import (
     _pct,
     _table,
     _tar_text,
-    _write_text_atomic,
     comparison_table,
 )
 from facemetric.evaluation.run import _with_existing
 from facemetric.evaluation.verification import VerificationReport, verification_report
+from facemetric.inference import Encoder, ModelContract, TorchEncoder
 from facemetric.training.builders import build_loss, build_model, is_classifier_loss
 from facemetric.training.checkpoint import latest_checkpoint
 from facemetric.training.config import TrainConfig, load_config
@@ -229,25 +229,34 @@ def _load_held_out(
                     monitor_folds, int((~ok).sum()))
 
 
-def _held_out_scores(embedder: Embedder, held: _HeldOut, flip: bool) -> np.ndarray:
+def _held_out_scores(encoder: Encoder, held: _HeldOut) -> np.ndarray:
     emb = np.full((held.ok.shape[0], 1), np.nan)
-    good = embedder.embed_arrays(held.images, flip=flip) if held.images else None
+    good = encoder.embed_faces(held.images) if held.images else None
     if good is not None:
         emb = np.full((held.ok.shape[0], good.shape[1]), np.nan)
         emb[held.ok] = good
     return np.einsum("ij,ij->i", emb[held.index_a], emb[held.index_b])
 
 
-def _monitor_accuracy(embedder: Embedder, held: _HeldOut) -> float:
-    scores = _held_out_scores(embedder, held, flip=False)[held.monitor]
+def _monitor_accuracy(encoder: Encoder, held: _HeldOut) -> float:
+    scores = _held_out_scores(encoder, held)[held.monitor]
     return verification_report(scores, held.is_same[held.monitor], held.monitor_folds,
                                far_targets=()).accuracy
 
 
-def _final_report(embedder: Embedder, held: _HeldOut) -> VerificationReport:
-    scores = _held_out_scores(embedder, held, flip=True)
+def _final_report(encoder: Encoder, held: _HeldOut) -> VerificationReport:
+    scores = _held_out_scores(encoder, held)
     valid = np.isfinite(scores)
     return verification_report(scores[valid], held.is_same[valid], held.fold[valid])
+
+
+def _contract(config: TrainConfig, flip: bool) -> ModelContract:
+    """The contract of a model while it trains (its weights change: no checksum yet)."""
+    return ModelContract(
+        backbone=config.model.name, input_size=config.data.image_size, template="arcface112",
+        embedding_size=config.model.embedding_size, weights_sha256="in-training",
+        flip_test=flip, source="training",
+    )
 
 
 def _run_one(
@@ -270,8 +279,12 @@ def _run_one(
     model = build_model(config.model)
     loss = build_loss(config.loss, num_classes, config.model.embedding_size)
     device = DistributedContext().device(config.train.device)
-    embedder = Embedder(model, config.data.image_size, device=device,
-                        channels_last=config.train.channels_last)
+    # One model, two views of it: no flip test while monitoring (cheap), flip test at the end.
+    monitor_encoder, final_encoder = (
+        TorchEncoder(model, _contract(config, flip), device=device,
+                     channels_last=config.train.channels_last)
+        for flip in (False, True)
+    )
     result = RunResult(name, config_path, Path(config.output_dir), config.loss.name, 0, [], [])
     clock = {"start": 0.0, "eval": 0.0}
 
@@ -279,7 +292,7 @@ def _run_one(
         if held is None:
             return
         t = time.perf_counter()
-        result.eval_accuracy.append(_monitor_accuracy(embedder, held))
+        result.eval_accuracy.append(_monitor_accuracy(monitor_encoder, held))
         result.eval_steps.append(step)
         result.eval_wall.append(train_time)
         clock["eval"] += time.perf_counter() - t
@@ -318,7 +331,7 @@ def _run_one(
         result.data_order = f"{recorder.digest.hexdigest()[:16]} ({recorder.count} reads)"
     if held is not None:
         t = time.perf_counter()
-        result.final = _final_report(embedder, held)
+        result.final = _final_report(final_encoder, held)
         result.eval_seconds += time.perf_counter() - t
     return result
 
@@ -511,8 +524,8 @@ def compare(
         "num_images": len(dataset), "num_identities": dataset.num_classes,
     }
     metrics_text = json.dumps(_metrics(runs, settings), indent=2, allow_nan=False)
-    metrics_json = _write_text_atomic(out / "metrics.json", metrics_text + "\n")
-    table = _write_text_atomic(out / "comparison.md", text)
+    metrics_json = atomic_write_text(out / "metrics.json", metrics_text + "\n")
+    table = atomic_write_text(out / "comparison.md", text)
     return CompareResult(tuple(runs), plot, table, metrics_json, text)
 
 

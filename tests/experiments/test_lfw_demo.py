@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from facemetric.cli import main
-from facemetric.lfw_demo import DEMO_CONFIG, demo_config, has_lfw
+from facemetric.experiments.lfw_demo import demo_config, has_lfw, load_demo_config
 from facemetric.training import config_from_dict
 
 
 def test_demo_config_is_a_valid_consistent_training_config(tmp_path):
-    default_steps = DEMO_CONFIG["train"]["max_steps"]
+    default_steps = load_demo_config()["train"]["max_steps"]
     raw = demo_config(tmp_path / "aligned", tmp_path / "people.txt", tmp_path / "out", 7)
     config = config_from_dict(raw)
     assert config.train.max_steps == 7
@@ -21,9 +21,9 @@ def test_demo_config_is_a_valid_consistent_training_config(tmp_path):
     assert config.model.options["input_size"] == config.data.image_size
     assert config.data.min_images == 1  # one-image identities are extra negatives
     assert config.loss.name == "arcface"
-    # the module default is left untouched by the override
-    assert DEMO_CONFIG["train"]["max_steps"] == default_steps != 7
-    assert "output_dir" not in DEMO_CONFIG
+    # the file's default is left untouched by the override
+    assert load_demo_config()["train"]["max_steps"] == default_steps != 7
+    assert "output_dir" not in load_demo_config()
 
 
 def test_has_lfw_needs_images_and_both_protocol_files(tmp_path):

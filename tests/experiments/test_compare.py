@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from facemetric.evaluation import read_lfw_pairs, verification_report
-from facemetric.evaluation.compare import _OrderRecorder, compare
-from facemetric.evaluation.embed import load_embedder
+from facemetric.experiments.compare import _OrderRecorder, compare
+from facemetric.inference import embed_pairs, load_model
 from facemetric.training import load_config
 
 SIDE = 16
@@ -104,9 +104,9 @@ def test_compare_two_losses_same_data_order_and_outputs(setup):
 
     # the final metrics are those of the final checkpoint, measured independently
     pairs = read_lfw_pairs(tmp / "pairs.txt", tmp / "held", 2)
-    emb = load_embedder(a.checkpoint)
-    assert emb.metadata["step"] == 4 and emb.metadata["embedding_size"] == 8
-    scores = emb.embed_pairs(pairs, progress=False).scores()
+    emb = load_model(a.checkpoint)
+    assert emb.contract.extra["step"] == 4 and emb.contract.embedding_size == 8
+    scores = embed_pairs(emb, pairs, progress=False).scores()
     expected = verification_report(scores, pairs.is_same, pairs.fold)
     assert a.final is not None
     assert a.final.accuracy == pytest.approx(expected.accuracy)

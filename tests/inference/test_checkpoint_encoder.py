@@ -1,4 +1,5 @@
-"""Embedding image files from a checkpoint, and ``evaluate`` on tiny synthetic protocols."""
+"""Encoders read from training checkpoints, embedding image files, and ``evaluate`` on tiny
+synthetic protocols."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from torch import nn
 from facemetric.data.images import load_image
 from facemetric.data.transforms import eval_transform
 from facemetric.evaluation import PairList, read_lfw_pairs, verification_report
-from facemetric.evaluation.embed import Embedder, load_embedder
 from facemetric.evaluation.run import evaluate, visualize_folder
+from facemetric.inference import TorchEncoder, embed_files, embed_pairs, load_model
 from facemetric.training import config_from_dict, save_checkpoint
 from facemetric.training.builders import build_model
 
@@ -80,43 +81,44 @@ def test_round_trip_matches_the_model_run_by_hand(tmp_path):
     names = _lfw_tree(tmp_path / "img", people=2, per=2, side=40)  # resized 40 -> 32
     paths = sorted((tmp_path / "img").glob("*/*.png"))
     ckpt, model = _checkpoint(tmp_path)
-    embedder = load_embedder(ckpt)
-    assert not embedder.model.training
-    assert embedder.metadata["model"] == "small_cnn" and embedder.metadata["image_size"] == SIZE
-    plain = embedder.embed_paths(paths, batch_size=3, flip=False, progress=False)
-    np.testing.assert_allclose(plain, _by_hand(model, paths, SIZE, flip=False), atol=1e-5)
-    flipped = embedder.embed_paths(paths, batch_size=3, flip=True, progress=False)
+    encoder = load_model(ckpt, flip_test=False)
+    assert not encoder.model.training
+    assert encoder.contract.backbone == "small_cnn" and encoder.contract.input_size == SIZE
+    plain = embed_files(encoder, paths, batch_size=3, progress=False)
+    np.testing.assert_allclose(plain.embeddings, _by_hand(model, paths, SIZE, flip=False),
+                               atol=1e-5)
+    flipped = embed_files(load_model(ckpt), paths, batch_size=3, progress=False).embeddings
     np.testing.assert_allclose(flipped, _by_hand(model, paths, SIZE, flip=True), atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(flipped, axis=1), 1.0, atol=1e-6)
-    assert not np.allclose(plain, flipped, atol=1e-3)  # the mirror image really was used
-    assert len(names) == 2 and embedder.failures == []
+    assert not np.allclose(plain.embeddings, flipped, atol=1e-3)  # the mirror really was used
+    assert len(names) == 2 and plain.failures == ()
     # a run folder means its newest checkpoint
-    assert load_embedder(tmp_path / "run").metadata["checkpoint"] == str(ckpt)
+    assert load_model(tmp_path / "run").contract.extra["checkpoint"] == str(ckpt)
 
 
 def test_flip_test_is_the_normalised_sum_of_both_embeddings(tmp_path):
     _lfw_tree(tmp_path / "img", people=1, per=3)
-    paths = sorted((tmp_path / "img").glob("*/*.png"))
-    embedder = load_embedder(_checkpoint(tmp_path)[0])
-    images = torch.stack([embedder.preprocess(load_image(p)) for p in paths])
-    a = embedder.embed_tensor(images, flip=False)
-    b = embedder.embed_tensor(torch.flip(images, dims=[3]), flip=False)
+    faces = np.stack([load_image(p) for p in sorted((tmp_path / "img").glob("*/*.png"))])
+    ckpt, model = _checkpoint(tmp_path)
     with torch.no_grad():
-        raw_a = embedder.model(images).numpy()
-        raw_b = embedder.model(torch.flip(images, dims=[3])).numpy()
+        x = torch.from_numpy(faces).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.5)
+        raw_a = model(x).double().numpy()
+        raw_b = model(torch.flip(x, dims=[3])).double().numpy()
     total = raw_a + raw_b
     expected = total / np.linalg.norm(total, axis=1, keepdims=True)
-    np.testing.assert_allclose(embedder.embed_tensor(images, flip=True), expected, atol=1e-5)
-    assert not np.allclose(a, b, atol=1e-3)
+    np.testing.assert_allclose(load_model(ckpt).embed_faces(faces), expected, atol=1e-5)
+    a = load_model(ckpt, flip_test=False).embed_faces(faces)
+    np.testing.assert_allclose(a, raw_a / np.linalg.norm(raw_a, axis=1, keepdims=True),
+                               atol=1e-5)
 
 
 def test_training_mode_is_restored_and_eval_mode_used(tmp_path):
     _lfw_tree(tmp_path / "img", people=1, per=2)
     paths = sorted((tmp_path / "img").glob("*/*.png"))
-    _, model = _checkpoint(tmp_path)
+    ckpt, model = _checkpoint(tmp_path)
     model.train()
-    embedder = Embedder(model, SIZE)
-    got = embedder.embed_paths(paths, flip=False, progress=False)
+    encoder = TorchEncoder(model, load_model(ckpt, flip_test=False).contract)
+    got = embed_files(encoder, paths, progress=False).embeddings
     assert model.training  # given back as it came
     np.testing.assert_allclose(got, _by_hand(model, paths, SIZE, flip=False), atol=1e-5)
 
@@ -128,19 +130,20 @@ def test_unloadable_image_gives_a_nan_row_and_is_reported(tmp_path, caplog):
     broken.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
     missing = tmp_path / "img" / "missing.png"
     paths = [good[0], broken, good[1], missing, good[2]]
-    embedder = load_embedder(_checkpoint(tmp_path)[0])
+    encoder = load_model(_checkpoint(tmp_path)[0])
     with caplog.at_level("WARNING"):
-        emb = embedder.embed_paths(paths, batch_size=2, progress=False)
+        res = embed_files(encoder, paths, batch_size=2, progress=False)
+    emb = res.embeddings
     assert np.isnan(emb[[1, 3]]).all()
     assert np.isfinite(emb[[0, 2, 4]]).all()
-    np.testing.assert_allclose(emb[[0, 2, 4]], embedder.embed_paths(good, progress=False),
+    np.testing.assert_allclose(emb[[0, 2, 4]],
+                               embed_files(encoder, good, progress=False).embeddings,
                                atol=1e-6)  # good rows are not shifted by the failures
-    embedder.embed_paths(paths, batch_size=2, progress=False)
-    failed = {f.path: f.reason for f in embedder.failures}
+    failed = {f.path: f.reason for f in res.failures}
     assert set(failed) == {broken, missing} and all(failed.values())
     assert str(broken) in caplog.text
     # nothing loadable at all: still NaN rows of the model's width, never zeros
-    only_bad = embedder.embed_paths([broken], progress=False)
+    only_bad = embed_files(encoder, [broken], progress=False).embeddings
     assert only_bad.shape == (1, 8) and np.isnan(only_bad).all()
 
 
@@ -150,10 +153,10 @@ def test_embed_pairs_embeds_each_image_once(tmp_path):
         (tmp_path / "img").glob("Person_1/*.png"))
     pairs = PairList((a[0], a[0], a[1]), (a[1], b[0], b[1]), np.array([1, 0, 0], bool),
                      np.zeros(3, np.int64))
-    embedder = load_embedder(_checkpoint(tmp_path)[0])
+    encoder = load_model(_checkpoint(tmp_path)[0])
     seen: list[int] = []
-    embedder.model.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
-    result = embedder.embed_pairs(pairs, progress=False)
+    encoder.model.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    result = embed_pairs(encoder, pairs, progress=False)
     assert sum(seen) == 2 * 4  # 4 distinct images, each with its mirror
     assert result.embeddings.shape == (4, 8)
     e = {p: result.embeddings[i] for i, p in enumerate(result.images)}
@@ -168,12 +171,12 @@ def test_real_lfw_dev_test_pairs_embed(lfw_root, tmp_path):
     pick = [0, 1, 2, 500, 501, 502]  # three matched, three mismatched
     subset = PairList(tuple(pairs.path_a[i] for i in pick), tuple(pairs.path_b[i] for i in pick),
                       pairs.is_same[pick], pairs.fold[pick])
-    embedder = load_embedder(_checkpoint(tmp_path)[0])
-    result = embedder.embed_pairs(subset, progress=False)
+    ckpt, model = _checkpoint(tmp_path)
+    result = embed_pairs(load_model(ckpt), subset, progress=False)
     assert result.failures == ()
     scores = result.scores()
     assert scores.shape == (6,) and np.isfinite(scores).all() and (np.abs(scores) <= 1).all()
-    reference = _by_hand(embedder.model, list(result.images[:2]), SIZE, flip=True)
+    reference = _by_hand(model, list(result.images[:2]), SIZE, flip=True)
     np.testing.assert_allclose(result.embeddings[:2], reference, atol=1e-5)
 
 

@@ -1,0 +1,16 @@
+"""Embedding indexes shared by global hard mining and the gallery.
+
+- :class:`EmbeddingIndex`: identity centroids (or images) of a training set and their
+  most confusable identities (global hard mining, :mod:`facemetric.miners.global_index`).
+- :class:`TemplateIndex`: a gallery's unit templates with template and person ids; add and
+  remove without rebuilds, top-k templates or top-k persons (max or mean cosine), exact or
+  through faiss HNSW/IVF, float32/float16/int8 storage.
+- :func:`knn_table`: k-nearest-neighbour tables of up to millions of vectors, exact or an
+  IVF join with ``nprobe`` chosen by measured recall.
+"""
+
+from facemetric.index.identity import EmbeddingIndex
+from facemetric.index.knn import KnnTable, knn_table
+from facemetric.index.templates import Hits, TemplateIndex
+
+__all__ = ["EmbeddingIndex", "Hits", "KnnTable", "TemplateIndex", "knn_table"]

@@ -1,7 +1,10 @@
 """Embedding-index speed, memory and recall (``facemetric.index``).
 
-    .venv/bin/python benchmarks/index.py            # full run: about 30-40 minutes, ~12 GiB
+    .venv/bin/python benchmarks/index.py            # full run: ~20-40 min, peak ~10 GiB
     .venv/bin/python benchmarks/index.py --quick    # smoke run of every part: ~1-2 minutes
+    .venv/bin/python benchmarks/index.py --parts d --knn-n 200000   # one part, another size
+
+The full run's time is mostly faiss's HNSW build over 1M vectors in part (c).
 
 Synthetic clustered data, D = 512 (``--dim``), all vectors float32:
 

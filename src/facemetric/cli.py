@@ -99,6 +99,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         max_eval_pairs=args.max_eval_pairs,
         data_root=None if args.data is None else Path(args.data),
         seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
     )
     print(result.summary())
     return 0
@@ -154,6 +155,8 @@ def _add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
     cmp.add_argument("--max-eval-pairs", type=int, help="pairs checked while training")
     cmp.add_argument("--data", help="override every config's [data] root")
     cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument("--checkpoint-every", type=int, default=100,
+                     help="steps between checkpoints; rerun the same command to resume")
     cmp.set_defaults(func=_cmd_compare)
 
     vis = sub.add_parser("visualize", help="2-D map of a folder's embeddings")
@@ -202,16 +205,25 @@ def build_parser() -> argparse.ArgumentParser:
     from facemetric.recognition_cli import add_recognition_commands
 
     add_recognition_commands(sub)
+    from facemetric.service_cli import add_service_commands
+
+    add_service_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; bad input or a file that cannot be used (a missing, foreign or
+    damaged checkpoint, an output folder that is taken) prints one sentence and returns 2,
+    a training run stopped by NaN/Inf numbers prints its reason and returns 1."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (FileNotFoundError, ValueError, PermissionError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError, PermissionError) as exc:
         print(f"facemetric {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:
+        print(f"facemetric {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

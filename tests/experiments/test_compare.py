@@ -163,8 +163,15 @@ def test_order_recorder_digest_depends_on_order():
         a[i], b[i]
     for i in (1, 3, 2):
         c[i]
-    assert a.digest.hexdigest() == b.digest.hexdigest() != c.digest.hexdigest()
+    assert a.hexdigest() == b.hexdigest() != c.hexdigest()
     assert a.count == 3 and len(a) == 10
+    # the chain continues from a saved state as if never interrupted
+    d = _OrderRecorder(data)
+    d[3]
+    e = _OrderRecorder(data, **d.state())
+    for i in (1, 2):
+        e[i]
+    assert e.hexdigest() == a.hexdigest() and e.count == 3
 
 
 def test_example_configs_share_everything_but_the_loss():
@@ -179,3 +186,119 @@ def test_example_configs_share_everything_but_the_loss():
     assert all(c.batch.p is not None for c in loaded)  # P×K for all: identical batches
     losses = {c.loss.name: c.loss for c in loaded}
     assert losses["triplet"].miner == "semi_hard"
+
+
+# --------------------------------------------------------------------------- resuming
+
+
+class _CrashError(Exception):
+    """Stands for the process being killed."""
+
+
+def _compare(setup, out: Path, **kwargs):
+    tmp = setup["tmp"]
+    options = {"budget_steps": 6, "eval_every": 2, "eval_pairs": tmp / "pairs.txt",
+               "eval_root": tmp / "held", "eval_folds": 2, "seed": 7, "checkpoint_every": 2,
+               "progress": False, **kwargs}
+    return compare([setup["cosface"], setup["triplet"]], out_dir=out, **options)
+
+
+def _same_results(got, want) -> None:
+    for a, b in zip(got.runs, want.runs, strict=True):
+        assert a.name == b.name and a.steps == b.steps == 6
+        assert a.losses == b.losses  # bitwise
+        assert a.eval_steps == b.eval_steps == [0, 2, 4, 6]
+        assert a.eval_accuracy == b.eval_accuracy
+        assert a.data_order == b.data_order and "(36 reads)" in a.data_order
+        assert a.final is not None and b.final is not None
+        assert a.final.accuracy == b.final.accuracy and a.final.auc == b.final.auc
+        assert len(a.step_wall) == 6 and np.all(np.diff(a.step_wall) >= 0)
+
+
+@pytest.fixture(scope="module")
+def straight(setup):
+    return _compare(setup, setup["tmp"] / "straight")
+
+
+def test_a_killed_compare_reuses_finished_runs_and_resumes_the_unfinished_one(
+    setup, straight, tmp_path, monkeypatch
+):
+    import facemetric.experiments.compare as module
+
+    real_train = module.train_run
+    calls: list[tuple[str, int | None]] = []
+
+    def killed_at_step_5_of_triplet(config, **kwargs):
+        hook = kwargs["on_step"]
+
+        def on_step(info) -> None:
+            hook(info)
+            if config.output_dir.name == "triplet" and info.step == 5:
+                raise _CrashError  # after the checkpoint and record of step 4
+
+        return real_train(config, **{**kwargs, "on_step": on_step})
+
+    def spy(config, **kwargs):
+        run = real_train(config, **kwargs)
+        calls.append((config.output_dir.name, run.resumed_from))
+        return run
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(module, "train_run", killed_at_step_5_of_triplet)
+    with pytest.raises(_CrashError):
+        _compare(setup, out)
+    cosface_record = (out / "cosface" / "compare_run.json").read_text()
+    assert json.loads(cosface_record)["status"] == "finished"
+    record = json.loads((out / "triplet" / "compare_run.json").read_text())
+    assert record["status"] == "running" and record["step"] == 4
+    assert record["eval_steps"] == [0, 2, 4] and len(record["losses"]) == 4
+
+    monkeypatch.setattr(module, "train_run", spy)
+    again = _compare(setup, out)  # the same command, run again
+    assert calls == [("triplet", 4)]  # cosface reused, triplet resumed from its checkpoint
+    _same_results(again, straight)
+    assert (out / "cosface" / "compare_run.json").read_text() == cosface_record
+    assert json.loads((out / "triplet" / "compare_run.json").read_text())["status"] == "finished"
+    table = again.table.read_text()
+    for run in straight.runs:
+        assert run.data_order in table
+
+    calls.clear()  # a third time: nothing left to train
+    third = _compare(setup, out)
+    assert calls == []
+    _same_results(third, straight)
+
+
+def test_a_checkpoint_newer_than_the_record_is_redone(setup, straight, tmp_path,
+                                                      monkeypatch):
+    """Killed between the loop's checkpoint of step 4 and the record of step 4: the record
+    still says step 2, so the run resumes there (checkpoint 4 is dropped)."""
+    import facemetric.experiments.compare as module
+
+    real_write = module._write_record
+
+    def dies_writing_step_4(path, result, *args, **kwargs):
+        if result.name == "triplet" and result.steps == 4 and not kwargs["finished"]:
+            raise _CrashError
+        return real_write(path, result, *args, **kwargs)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(module, "_write_record", dies_writing_step_4)
+    with pytest.raises(_CrashError):
+        _compare(setup, out)
+    assert (out / "triplet" / "checkpoint_000000004.pt").exists()
+    assert json.loads((out / "triplet" / "compare_run.json").read_text())["step"] == 2
+    monkeypatch.setattr(module, "_write_record", real_write)
+    _same_results(_compare(setup, out), straight)
+
+
+def test_a_folder_from_other_settings_or_another_tool_is_refused(setup, straight, tmp_path):
+    with pytest.raises(ValueError, match=r"other settings \(they differ in \['config'\]\)"):
+        _compare(setup, setup["tmp"] / "straight", budget_steps=8)
+    with pytest.raises(ValueError, match=r"other settings \(they differ in \['eval_every'\]"):
+        _compare(setup, setup["tmp"] / "straight", eval_every=3)
+    foreign = tmp_path / "foreign"
+    (foreign / "cosface").mkdir(parents=True)
+    (foreign / "cosface" / "checkpoint_000000002.pt").write_bytes(b"from facemetric train")
+    with pytest.raises(FileExistsError, match=r"holds checkpoints but no compare_run\.json"):
+        _compare(setup, foreign)

@@ -5,16 +5,19 @@ Run as a script (a real, separate Python process)::
     python gallery_worker.py DB PREFIX COUNT [--shared K] [--stall-at I] [--wait-go]
 
 It enrols persons ``PREFIX0000 … PREFIX{COUNT-1}`` into collection ``"main"`` of the gallery
-``DB``, person ``i`` with :func:`faces_for` ``(PREFIX, i)`` in one ``add_faces`` call each,
-skipping persons already complete (so a rerun after a crash finishes the job). Protocol on
-stdout, one line each, flushed: ``ready`` (gallery open), ``begin I`` before person ``I``,
-a JSON object ``{"person", "ids", "t"}`` after it committed, ``done`` at the end. With
-``--wait-go`` it waits for a line on stdin after ``ready``. With ``--shared K`` it then adds
-one face to each of ``shared0000 … shared{K-1}`` (persons the other worker adds to as well).
-With ``--stall-at I`` it stops *inside* the transaction of person ``I`` (after two of its
-faces were inserted, with a tiny page cache so that uncommitted pages are already in the
-WAL file), prints ``stalled`` and sleeps, waiting to be killed. A person found with a face
-count other than its full one exits with status 3 (a half-enrolled person).
+``DB`` (an SQLite file, or a PostgreSQL DSN — ``postgresql://…`` or ``key=value …`` — opened
+with ``application_name`` ``facemetric-worker-PREFIX``), person ``i`` with :func:`faces_for`
+``(PREFIX, i)`` in one ``add_faces`` call each, skipping persons already complete (so a
+rerun after a crash finishes the job). Protocol on stdout, one line each, flushed: ``ready``
+(gallery open), ``begin I`` before person ``I``, a JSON object ``{"person", "ids", "t"}``
+after it committed, ``done`` at the end. With ``--wait-go`` it waits for a line on stdin
+after ``ready``. With ``--shared K`` it then adds one face to each of ``shared0000 …
+shared{K-1}`` (persons the other workers add to as well). With ``--stall-at I`` it stops
+*inside* the transaction of person ``I`` (SQLite: after two of its faces were inserted, with
+a tiny page cache so that uncommitted pages are already in the WAL file; PostgreSQL: after
+all its faces and crops were inserted), prints ``stalled`` and sleeps, waiting to be killed.
+A person found with a face count other than its full one exits with status 3 (a
+half-enrolled person).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from facemetric.gallery import NewFace, NotFoundError, SQLiteGallery
+from facemetric.gallery import GalleryStore, NewFace, NotFoundError, SQLiteGallery
 from facemetric.inference.contract import ModelContract
 
 DIM = 16
@@ -105,6 +108,36 @@ def _stall_inside_transactions(gallery: SQLiteGallery) -> None:
     conn.set_trace_callback(trace)
 
 
+def _stall_inside_postgres_transactions() -> None:
+    # Test-only hook: PostgresGallery.add_faces inserts a person's faces and crops with one
+    # executemany inside its transaction; after it, announce and sleep until killed.
+    import psycopg
+
+    original = psycopg.Cursor.executemany
+
+    def executemany(self, query, params_seq, **kwargs):
+        original(self, query, params_seq, **kwargs)
+        if isinstance(query, str) and "INSERT INTO face_crops" in query:
+            _say("stalled")
+            time.sleep(120)
+
+    psycopg.Cursor.executemany = executemany  # type: ignore[method-assign]
+
+
+def is_dsn(target: str) -> bool:
+    """Whether ``target`` is a PostgreSQL connection string rather than a file path."""
+    return target.startswith(("postgresql://", "postgres://")) or "=" in target
+
+
+def open_gallery(target: str, prefix: str = "", sync: str = "FULL") -> GalleryStore:
+    """The gallery at ``target``: a PostgreSQL DSN or an SQLite file."""
+    if is_dsn(target):
+        from facemetric.gallery import PostgresGallery
+
+        return PostgresGallery(target, application_name=f"facemetric-worker-{prefix}")
+    return SQLiteGallery(target, synchronous=sync)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("db")
@@ -117,7 +150,7 @@ def main() -> int:
     parser.add_argument("--sync", default="FULL")
     args = parser.parse_args()
     model = contract()
-    with SQLiteGallery(args.db, synchronous=args.sync) as gallery:
+    with open_gallery(args.db, args.prefix, args.sync) as gallery:
         _say("ready")
         if args.wait_go:
             sys.stdin.readline()
@@ -135,7 +168,10 @@ def main() -> int:
                 return 3
             faces = faces_for(args.prefix, i, args.side)
             if i == args.stall_at:
-                _stall_inside_transactions(gallery)
+                if isinstance(gallery, SQLiteGallery):
+                    _stall_inside_transactions(gallery)
+                else:
+                    _stall_inside_postgres_transactions()
             _say(f"begin {i}")
             ids = gallery.add_faces(COLLECTION, name, faces, contract=model)
             _say(json.dumps({"person": name, "ids": ids, "t": time.time()}))

@@ -364,3 +364,31 @@ def test_visualize_folder_keeps_the_largest_identities(tmp_path):
     assert png.stat().st_size > 0 and failures == ()
     title = Image.open(png).info.get("Title", "")
     assert "9 points" in title and "3 identities" in title  # Person_2 (2 images) left out
+
+
+def test_loading_reads_the_backbone_only_not_the_class_centres(tmp_path):
+    """A checkpoint holding 400 MB of class centres (200k identities × 512, as a Partial FC
+    run's loss state) loads for inference without reading them: the loading process's peak
+    memory grows by far less than the centres' size."""
+    import subprocess
+    import sys
+
+    ckpt, _ = _checkpoint(tmp_path)
+    state = torch.load(ckpt, weights_only=True)
+    state["loss"] = {"weight": torch.ones(200_000, 512)}
+    big = tmp_path / "big" / "checkpoint_000000001.pt"
+    big.parent.mkdir()
+    torch.save(state, big)
+    code = (
+        "import resource, sys\n"
+        "from facemetric.inference import load_model\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        f"enc = load_model({str(big)!r})\n"
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print((after - before) // 1024, enc.contract.embedding_size)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=300).stdout.split()
+    grown_mib, dim = int(out[0]), int(out[1])
+    assert dim == 8
+    assert grown_mib < 100, f"loading grew peak memory by {grown_mib} MiB (centres: 390 MiB)"

@@ -63,9 +63,9 @@ def ref_paper(x, labels, kind, m1=None, m2=None, triplets=None, weights=(1.0, 0.
     for a, p, k1 in triplets:
         d_ap = d[a, p]
         h1 = relu(d_ap - d[a, k1] + m1)
-        second = [relu(d_ap - d[l, k] + m2)
-                  for l in range(n) for k in range(l + 1, n)
-                  if labels[l] != labels[k] and labels[a] not in (labels[l], labels[k])]
+        second = [relu(d_ap - d[i, k] + m2)
+                  for i in range(n) for k in range(i + 1, n)
+                  if labels[i] != labels[k] and labels[a] not in (labels[i], labels[k])]
         total = total + h1 + sum(second) / len(second)
     return total / len(triplets)
 

@@ -222,6 +222,32 @@ def test_ddp_training_equals_one_process_on_the_global_batch(tmp_path: Path, kin
 
 # --------------------------------------------------------------------------- stateful losses
 
+
+def _gather_worker(rank: int, port: int, out: str) -> None:
+    from facemetric.losses.cross_rank import gather_rows
+
+    torch.set_num_threads(1)
+    _set_env(rank, port)
+    ctx = init_distributed()
+    try:
+        rows = 2 + 3 * rank  # unequal shards: 2 and 5 rows
+        x = torch.arange(rows * 3, dtype=torch.float64).view(rows, 3) + 100 * rank
+        y = torch.full((rows,), rank, dtype=torch.int64)
+        torch.save(gather_rows([x, y], dist.group.WORLD), Path(out) / f"gather_{rank}.pt")
+    finally:
+        ctx.destroy()
+
+
+def test_gather_rows_concatenates_unequal_shards_in_rank_order(tmp_path: Path) -> None:
+    _spawn(_gather_worker, str(tmp_path))
+    want_x = torch.cat([torch.arange(6, dtype=torch.float64).view(2, 3),
+                        torch.arange(15, dtype=torch.float64).view(5, 3) + 100])
+    want_y = torch.tensor([0, 0, 1, 1, 1, 1, 1])
+    for rank in range(WORLD):
+        x, y = torch.load(tmp_path / f"gather_{rank}.pt")
+        assert torch.equal(x, want_x) and torch.equal(y, want_y)
+
+
 #: losses whose training-mode forward updates state from the batch (centres, scale)
 STATEFUL = {
     "center": {"name": "center", "lam": 0.5, "alpha": 0.5},

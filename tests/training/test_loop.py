@@ -480,6 +480,19 @@ def test_cli_reports_unusable_checkpoints_as_an_error_not_a_traceback(faces, tmp
     assert err.startswith("facemetric eval: error: ") and "Traceback" not in err
 
 
+def test_cli_reports_a_diverged_run_in_one_sentence(monkeypatch, capsys, tmp_path):
+    import facemetric.training
+    from facemetric.cli import main
+
+    def diverges(path, resume=False):
+        raise FloatingPointError("the loss is nan at step 7; lower [optimizer] lr")
+
+    monkeypatch.setattr(facemetric.training, "run_from_cli", diverges)
+    assert main(["train", "--config", str(tmp_path / "x.toml")]) == 1
+    assert capsys.readouterr().err == (
+        "facemetric train: error: the loss is nan at step 7; lower [optimizer] lr\n")
+
+
 # --------------------------------------------------------------------------- stateful losses
 
 

@@ -210,7 +210,7 @@ def test_class_tree_config_errors_and_a_miner_sharing_the_loss_units(tmp_path):
 
     loss = build_loss(cfg.loss, 12, 8)
     assert loss.miner.distance is loss.distance and loss.normalize
-    with pytest.raises(ValueError, match="miner"):  # an explicit mix is refused
+    with pytest.raises(ValueError, match="squared Euclidean"):  # other units are refused
         build_loss(_config(tmp_path, "hierarchical_triplet",
                            loss={"miner": "batch_hard", "distance": "euclidean"}).loss, 12, 8)
 
@@ -222,7 +222,7 @@ class _RecordingMagnet(MagnetLoss):
     """Records the labels and cluster ids each call receives."""
 
     def __init__(self) -> None:
-        super().__init__(alpha=1.0)
+        super().__init__(alpha=8.0)  # two images per cluster: a small batch variance
         self.calls: list[tuple[list[int], list[int]]] = []
 
     def forward(self, embeddings, labels, tuples=None, cluster_ids=None):
@@ -232,16 +232,15 @@ class _RecordingMagnet(MagnetLoss):
 
 
 def _two_blob_classes(seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """8 classes × 2 blobs × 3 images (48): (table, labels, blob); blobs of nearby classes
-    overlap, so the magnet loss is not zero."""
+    """8 classes × 2 blobs × 3 images (48): (table, labels, blob)."""
     g = torch.Generator().manual_seed(seed)
     blob = torch.arange(16).repeat_interleave(3)
-    centres = 1.5 * torch.randn(16, 8, generator=g)
-    return centres[blob] + 0.15 * torch.randn(48, 8, generator=g), blob // 2, blob
+    centres = torch.randn(16, 8, generator=g)
+    return centres[blob] + 0.3 * torch.randn(48, 8, generator=g), blob // 2, blob
 
 
 def _magnet_config(out: Path, **train_kw):
-    return _config(out, "magnet", batch={"p": 3, "k": 2},
+    return _config(out, "magnet", loss={"alpha": 8.0}, batch={"p": 3, "k": 2},
                    train={"checkpoint_every": 3, "keep_checkpoints": 5, **train_kw})
 
 
@@ -295,14 +294,16 @@ def test_magnet_run_resumes_exactly(tmp_path):
     table, labels, _ = _two_blob_classes(1)
     data = _Faces(labels.tolist())
     torch.set_num_threads(1)
-    straight = train(_magnet_config(tmp_path / "a"), dataset=data, model=_Lookup(table),
-                     progress=False)
-    with pytest.raises(_KilledError):  # checkpoint at 3 holds the step-3 clusters
-        train(_magnet_config(tmp_path / "b"), dataset=data, model=_Lookup(table),
-              progress=False, on_step=_kill_at(5))
-    resumed = train(_magnet_config(tmp_path / "b"), dataset=data, model=_Lookup(table),
-                    progress=False, resume=True)
-    assert resumed.resumed_from == 3
+    def cfg(out: Path):
+        return _magnet_config(out, checkpoint_every=4)
+
+    straight = train(cfg(tmp_path / "a"), dataset=data, model=_Lookup(table), progress=False)
+    with pytest.raises(_KilledError):  # checkpoint at 4 holds the step-3 clusters
+        train(cfg(tmp_path / "b"), dataset=data, model=_Lookup(table), progress=False,
+              on_step=_kill_at(6))
+    resumed = train(cfg(tmp_path / "b"), dataset=data, model=_Lookup(table), progress=False,
+                    resume=True)
+    assert resumed.resumed_from == 4
     assert resumed.losses == straight.losses and any(v > 0 for v in straight.losses)
     assert torch.equal(resumed.model.table, straight.model.table)
     a = load_checkpoint(straight.checkpoint)["hard_sampler"]["index"]

@@ -15,9 +15,10 @@ under the same conditions and plots how they converge:
 - **same budget**: ``budget_steps`` replaces ``[train] max_steps``; ``budget_seconds``
   stops a run once its *training* time reaches it — whichever comes first. Training time
   excludes the held-out checks and starts at the first sample read (the loop's setup is not
-  training; with ``num_workers > 0`` the read is not visible, and the setup counts). A run
-  stopped by time keeps no final checkpoint (only the model in memory, which the final
-  evaluation uses);
+  training; with ``num_workers > 0`` the read is not visible, and the setup counts); it
+  includes writing the periodic checkpoints. A run stopped by time gets no final
+  checkpoint (the final evaluation uses the model in memory; its last periodic checkpoint
+  stays);
 - **held-out verification while training**: given ``eval_pairs`` (an LFW-format pairs file)
   and ``eval_root`` (aligned images), every ``eval_every`` steps — and at step 0 and at the
   end — an ``on_step`` hook embeds the pairs' distinct images with the current model in
@@ -31,8 +32,20 @@ Written to ``out_dir``: ``convergence.png`` (2×2 panels: training loss and held
 accuracy against steps and against training wall time; the loss drawn as a running mean),
 ``comparison.md`` (the table: accuracy ± std, AUC, EER, TAR@FAR=1e-3, steps, wall time,
 img/s, final loss, data-order digest) and ``metrics.json`` (every curve and number); each
-run's own training output (checkpoint, ``log.csv``, ``loss_curve.png``) in
-``out_dir/<config name>/``.
+run's own training output (checkpoints, ``log.csv``, ``loss_curve.png``) and its record
+``compare_run.json`` in ``out_dir/<config name>/``.
+
+**Resuming after a kill.** Running the same ``compare`` again on the same ``out_dir``
+continues: each run checkpoints every ``checkpoint_every`` steps (the writes count in its
+training time) and, right after each checkpoint, records its curves, held-out checks,
+training time and data-order digest so far in ``compare_run.json`` (atomically). A run whose
+record says finished is reused as it is (its final held-out scores are stored, so the
+table is rebuilt without retraining); an unfinished one resumes from its checkpoint
+exactly as ``facemetric train --resume`` does, and its curves continue from the record (a
+checkpoint newer than the record — the process died between the two writes — is dropped
+and its steps redone). The record also holds the run's settings (its configuration after
+the overrides, the budget and the held-out settings): a folder whose record was written
+with other settings is refused, and so is a folder with checkpoints but no record.
 """
 
 from __future__ import annotations
@@ -66,7 +79,7 @@ from facemetric.evaluation.run import _with_existing
 from facemetric.evaluation.verification import VerificationReport, verification_report
 from facemetric.inference import Encoder, ModelContract, TorchEncoder
 from facemetric.training.builders import build_loss, build_model, is_classifier_loss
-from facemetric.training.checkpoint import latest_checkpoint
+from facemetric.training.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints
 from facemetric.training.config import TrainConfig, load_config
 from facemetric.training.loop import DistributedContext, StepInfo, build_dataset, seed_everything
 from facemetric.training.loop import train as train_run
@@ -76,7 +89,9 @@ logger = logging.getLogger(__name__)
 #: ``[data]`` fields that must agree between the compared configurations.
 _DATA_FIELDS = ("root", "people_file", "folds", "image_size", "min_images")
 _TABLE_FAR = 1e-3
-_NO_PERIODIC_CHECKPOINTS = 10**12
+#: a run's record (module docstring, "Resuming after a kill"), in its output folder
+RECORD_FILE = "compare_run.json"
+_RECORD_VERSION = 1
 
 
 class _BudgetReachedError(Exception):
@@ -85,14 +100,18 @@ class _BudgetReachedError(Exception):
 
 class _OrderRecorder(Dataset):
     """``base`` unchanged, hashing every index read (in this process) in order; also notes
-    when the first item was read (the end of the loop's setup)."""
+    when the first item was read (the end of the loop's setup).
 
-    def __init__(self, base: Any) -> None:
+    The digest is a chain, ``h ← SHA-256(h ‖ index as 8 bytes)`` from 32 zero bytes, so its
+    state is two numbers (``state()``) that a resumed run starts from (``chain``, ``count``).
+    """
+
+    def __init__(self, base: Any, chain: str | None = None, count: int = 0) -> None:
         self.base = base
         self.targets = getattr(base, "targets", None)
         self.num_classes = getattr(base, "num_classes", None)
-        self.digest = hashlib.sha256()
-        self.count = 0
+        self._chain = bytes(32) if chain is None else bytes.fromhex(chain)
+        self.count = int(count)
         self.first_read: float | None = None
 
     def __len__(self) -> int:
@@ -101,9 +120,19 @@ class _OrderRecorder(Dataset):
     def __getitem__(self, index: int) -> Any:
         if self.first_read is None:
             self.first_read = time.perf_counter()
-        self.digest.update(int(index).to_bytes(8, "little", signed=True))
+        self._chain = hashlib.sha256(
+            self._chain + int(index).to_bytes(8, "little", signed=True)
+        ).digest()
         self.count += 1
         return self.base[index]
+
+    def hexdigest(self) -> str:
+        """The digest of the indices read so far, in order."""
+        return self._chain.hex()
+
+    def state(self) -> dict[str, Any]:
+        """What a resumed run's recorder starts from."""
+        return {"chain": self._chain.hex(), "count": self.count}
 
 
 @dataclass
@@ -244,8 +273,8 @@ def _monitor_accuracy(encoder: Encoder, held: _HeldOut) -> float:
                                far_targets=()).accuracy
 
 
-def _final_report(encoder: Encoder, held: _HeldOut) -> VerificationReport:
-    scores = _held_out_scores(encoder, held)
+def _final_report(scores: np.ndarray, held: _HeldOut) -> VerificationReport:
+    """The full held-out report from every pair's score (``NaN``: an unloadable image)."""
     valid = np.isfinite(scores)
     return verification_report(scores[valid], held.is_same[valid], held.fold[valid])
 
@@ -259,6 +288,80 @@ def _contract(config: TrainConfig, flip: bool) -> ModelContract:
     )
 
 
+def _fingerprint(config: TrainConfig, settings: dict[str, Any]) -> dict[str, Any]:
+    """What a run's record must match to be reused or resumed: the run's configuration
+    after compare's overrides, and the compare settings that shape its result."""
+    return json.loads(json.dumps({"config": config.to_dict(), **settings}, default=str))
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{path} cannot be read ({err}); remove the run's folder {path.parent} to train "
+            "that run again"
+        ) from err
+    if not isinstance(record, dict) or record.get("version") != _RECORD_VERSION:
+        raise ValueError(f"{path} is not a compare run record of version {_RECORD_VERSION}")
+    return record
+
+
+def _floats(values: Any) -> list[float | None]:
+    """JSON-safe: NaN/Inf become ``None`` (finite floats round-trip exactly)."""
+    return [float(v) if math.isfinite(float(v)) else None for v in values]
+
+
+def _unfloats(values: list[float | None]) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
+def _write_record(path: Path, result: RunResult, fingerprint: dict[str, Any],
+                  recorder: _OrderRecorder, *, finished: bool,
+                  final_scores: np.ndarray | None = None) -> None:
+    record: dict[str, Any] = {
+        "version": _RECORD_VERSION, "settings": fingerprint,
+        "status": "finished" if finished else "running", "step": result.steps,
+        "losses": result.losses, "step_wall": result.step_wall,
+        "eval_steps": result.eval_steps, "eval_wall": result.eval_wall,
+        "eval_accuracy": result.eval_accuracy, "eval_seconds": result.eval_seconds,
+        "order": recorder.state(),
+    }
+    if finished:
+        record.update(
+            stopped_by=result.stopped_by, wall_seconds=result.wall_seconds,
+            images_per_second=result.images_per_second, data_order=result.data_order,
+            checkpoint=None if result.checkpoint is None else str(result.checkpoint),
+            final_scores=None if final_scores is None else _floats(final_scores),
+        )
+    atomic_write_text(path, json.dumps(record, allow_nan=False) + "\n")
+
+
+def _prepare_folder(out_dir: Path, record: dict[str, Any] | None, name: str) -> int:
+    """The step an unfinished run resumes from (0: from scratch), after removing the
+    checkpoints its record does not cover."""
+    found = list_checkpoints(out_dir)
+    if record is None:
+        if found:
+            raise FileExistsError(
+                f"{out_dir} holds checkpoints but no {RECORD_FILE}: not a compare run (or one "
+                f"written before compare could resume); choose another output folder for "
+                f"{name!r} or remove that one"
+            )
+        return 0
+    step = int(record["step"])
+    if step > 0 and step not in {s for s, _ in found}:
+        logger.warning("compare: %s: the checkpoint of step %d recorded in %s is missing; "
+                       "training that run again from the start", name, step, RECORD_FILE)
+        step = 0
+    for s, path in found:
+        if s > step:  # written after the record: the process died between the two writes
+            path.unlink()
+    return step
+
+
 def _run_one(
     name: str,
     config_path: Path,
@@ -269,12 +372,43 @@ def _run_one(
     budget_seconds: float | None,
     eval_every: int,
     progress: bool,
+    settings: dict[str, Any],
 ) -> RunResult:
-    recorder = _OrderRecorder(dataset)
+    out_dir = Path(config.output_dir)
+    record_path = out_dir / RECORD_FILE
+    fingerprint = _fingerprint(config, settings)
+    record = _read_record(record_path)
+    if record is not None and record["settings"] != fingerprint:
+        theirs, ours = record["settings"], fingerprint
+        differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+        raise ValueError(
+            f"{record_path} was written by a compare with other settings (they differ in "
+            f"{differ}); rerun with the same settings to resume, or use another output folder"
+        )
+    result = RunResult(name, config_path, out_dir, config.loss.name, 0, [], [])
+    if record is not None and record["status"] == "finished":
+        logger.info("compare: %s finished earlier (%s): reused", name, record_path)
+        return _reused(result, record, held)
+    resume_step = _prepare_folder(out_dir, record, name)
+    resumed = record if resume_step > 0 else None
+    if resumed is not None:
+        logger.info("compare: %s resumes from step %d", name, resume_step)
+        steps = resume_step
+        result.steps = steps
+        result.losses = [float(v) for v in resumed["losses"][:steps]]
+        result.step_wall = [float(v) for v in resumed["step_wall"][:steps]]
+        kept = [i for i, s in enumerate(resumed["eval_steps"]) if s <= steps]
+        result.eval_steps = [int(resumed["eval_steps"][i]) for i in kept]
+        result.eval_wall = [float(resumed["eval_wall"][i]) for i in kept]
+        result.eval_accuracy = [float(resumed["eval_accuracy"][i]) for i in kept]
+        result.eval_seconds = float(resumed["eval_seconds"])
+        recorder = _OrderRecorder(dataset, **resumed["order"])
+    else:
+        recorder = _OrderRecorder(dataset)
     num_classes = int(getattr(dataset, "num_classes", int(np.max(dataset.targets)) + 1))
     # Exactly what train() does before its first step, so the initial weights are the ones
     # a plain ``facemetric train`` would start from; kept here to evaluate and to survive
-    # a wall-time stop.
+    # a wall-time stop. (Resuming, train() loads the checkpoint into them.)
     seed_everything(config.seed)
     model = build_model(config.model)
     loss = build_loss(config.loss, num_classes, config.model.embedding_size)
@@ -285,8 +419,9 @@ def _run_one(
                      channels_last=config.train.channels_last)
         for flip in (False, True)
     )
-    result = RunResult(name, config_path, Path(config.output_dir), config.loss.name, 0, [], [])
-    clock = {"start": 0.0, "eval": 0.0}
+    # training time already spent (resuming) and time to leave out of it from now on
+    clock = {"start": 0.0, "eval": 0.0, "paused": 0.0,
+             "before": result.step_wall[-1] if resumed else 0.0}
 
     def check(step: int, train_time: float) -> None:
         if held is None:
@@ -302,21 +437,36 @@ def _run_one(
         # the optimiser, writing config.json — is not training) when that is seen in this
         # process (num_workers = 0), else from the call to train().
         start = recorder.first_read if recorder.first_read is not None else clock["start"]
-        train_time = time.perf_counter() - start - clock["eval"]
+        train_time = (clock["before"] + time.perf_counter() - start - clock["eval"]
+                      - clock["paused"])
+        if info.step != result.steps + 1:  # the loop fell back past a damaged checkpoint
+            raise ValueError(
+                f"{name}: training resumed at step {info.step}, but {RECORD_FILE} continues "
+                f"from step {result.steps} (its checkpoint could not be used); remove "
+                f"{out_dir} to train this run again"
+            )
         result.losses.append(info.loss)
         result.step_wall.append(train_time)
         result.steps = info.step
         if info.step % eval_every == 0:
             check(info.step, train_time)
+        if checkpoint_path(out_dir, info.step).exists():  # the loop has just written it
+            t = time.perf_counter()
+            result.eval_seconds = initial_eval + clock["eval"]
+            _write_record(record_path, result, fingerprint, recorder, finished=False)
+            clock["paused"] += time.perf_counter() - t  # bookkeeping is not training
         if budget_seconds is not None and train_time >= budget_seconds:
             raise _BudgetReachedError
 
-    check(0, 0.0)
-    initial_eval, clock["eval"] = clock["eval"], 0.0  # before the clock starts
+    initial_eval = result.eval_seconds
+    if resumed is None:
+        _write_record(record_path, result, fingerprint, recorder, finished=False)
+        check(0, 0.0)
+        initial_eval, clock["eval"] = clock["eval"], 0.0  # before the clock starts
     clock["start"] = time.perf_counter()
     try:
-        trained = train_run(config, dataset=recorder, model=model, loss=loss, on_step=on_step,
-                            progress=progress)
+        trained = train_run(config, resume=True, dataset=recorder, model=model, loss=loss,
+                            on_step=on_step, progress=progress)
         result.checkpoint = trained.checkpoint
     except _BudgetReachedError:
         result.stopped_by = "time"
@@ -328,11 +478,34 @@ def _run_one(
     batch = config.batch.effective_size
     result.images_per_second = result.steps * batch / max(result.wall_seconds, 1e-9)
     if config.data.num_workers == 0:
-        result.data_order = f"{recorder.digest.hexdigest()[:16]} ({recorder.count} reads)"
+        result.data_order = f"{recorder.hexdigest()[:16]} ({recorder.count} reads)"
+    scores = None
     if held is not None:
         t = time.perf_counter()
-        result.final = _final_report(final_encoder, held)
+        scores = _held_out_scores(final_encoder, held)
+        result.final = _final_report(scores, held)
         result.eval_seconds += time.perf_counter() - t
+    _write_record(record_path, result, fingerprint, recorder, finished=True, final_scores=scores)
+    return result
+
+
+def _reused(result: RunResult, record: dict[str, Any], held: _HeldOut | None) -> RunResult:
+    """A finished run's result from its record (the final report recomputed from the stored
+    scores: the same numbers)."""
+    result.steps = int(record["step"])
+    result.losses = [float(v) for v in record["losses"]]
+    result.step_wall = [float(v) for v in record["step_wall"]]
+    result.eval_steps = [int(v) for v in record["eval_steps"]]
+    result.eval_wall = [float(v) for v in record["eval_wall"]]
+    result.eval_accuracy = [float(v) for v in record["eval_accuracy"]]
+    result.eval_seconds = float(record["eval_seconds"])
+    result.stopped_by = str(record["stopped_by"])
+    result.wall_seconds = float(record["wall_seconds"])
+    result.images_per_second = float(record["images_per_second"])
+    result.data_order = record["data_order"]
+    result.checkpoint = None if record["checkpoint"] is None else Path(record["checkpoint"])
+    if held is not None and record["final_scores"] is not None:
+        result.final = _final_report(_unfloats(record["final_scores"]), held)
     return result
 
 
@@ -440,14 +613,21 @@ def compare(
     eval_folds: int = 10,
     data_root: str | os.PathLike[str] | None = None,
     seed: int = 0,
+    checkpoint_every: int = 100,
     progress: bool = True,
 ) -> CompareResult:
     """Train every configuration under one budget and seed; plot and tabulate (module doc).
 
+    Run again on the same ``out_dir`` after a kill, it reuses the finished runs and resumes
+    the unfinished one from its last checkpoint (written every ``checkpoint_every`` steps;
+    module docstring, "Resuming after a kill").
+
     Raises:
         ValueError: fewer than one config, no budget, configs on different data, a pair loss
-            without P×K batches, eval pairs without their image root, bad numbers.
-        FileExistsError: a run's folder ``out_dir/<name>`` already holds checkpoints.
+            without P×K batches, eval pairs without their image root, bad numbers; a run's
+            folder whose record was written with other settings.
+        FileExistsError: a run's folder ``out_dir/<name>`` holds checkpoints but no compare
+            record (another tool's run).
     """
     if not configs:
         raise ValueError("give at least one configuration")
@@ -463,6 +643,8 @@ def compare(
         raise ValueError("eval_pairs and eval_root go together (pairs file + aligned images)")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
     out = Path(out_dir)
     paths = [Path(c) for c in configs]
     names = _names(paths)
@@ -474,7 +656,9 @@ def compare(
             cfg.data.root = Path(data_root)
         if budget_steps is not None:
             cfg.train.max_steps = budget_steps
-        cfg.train.checkpoint_every = _NO_PERIODIC_CHECKPOINTS  # saving is not training
+        cfg.train.checkpoint_every = checkpoint_every  # what a killed compare resumes from
+        # the previous checkpoint must survive until the record of the newest is written
+        cfg.train.keep_checkpoints = max(2, cfg.train.keep_checkpoints)
         if cfg.batch.p is None and not is_classifier_loss(cfg.loss):
             raise ValueError(f"{name}: the pair loss {cfg.loss.name!r} needs [batch] p and k")
     _check_same_data(loaded, names)
@@ -492,11 +676,17 @@ def compare(
     if eval_pairs is not None and eval_root is not None:
         held = _load_held_out(Path(eval_pairs), Path(eval_root), eval_folds, max_eval_pairs)
 
+    run_settings = {  # what else, beside each run's configuration, shapes its result
+        "budget_seconds": budget_seconds, "eval_every": eval_every,
+        "eval_pairs": None if eval_pairs is None else str(Path(eval_pairs).resolve()),
+        "eval_root": None if eval_root is None else str(Path(eval_root).resolve()),
+        "max_eval_pairs": max_eval_pairs, "eval_folds": eval_folds,
+    }
     runs: list[RunResult] = []
     for name, path, cfg in zip(names, paths, loaded, strict=True):
         logger.info("compare: training %s (%s)", name, cfg.loss.name)
         runs.append(_run_one(name, path, cfg, dataset, held, budget_seconds=budget_seconds,
-                             eval_every=eval_every, progress=progress))
+                             eval_every=eval_every, progress=progress, settings=run_settings))
 
     budget = " and ".join(
         b for b in (f"{budget_steps} steps" if budget_steps else "",

@@ -19,9 +19,11 @@
 
    - **leave-one-out 1-NN accuracy**: each image labelled by its most cosine-similar other
      image (``retrieval_metrics(...).precision_at_1``; chance ``9/99 ≈ 0.091``);
-   - **10-fold verification accuracy** on *all* pairs of unseen images (450 same-identity
-     and 4,500 different-identity pairs; pair ``i`` in fold ``i mod 10``, the cosine
-     threshold chosen on the other nine folds: ``verification_report``). Because
+   - **10-fold verification accuracy** on *all* pairs of unseen images: 450 same-identity
+     and 4,500 different-identity pairs, the cosine threshold of each fold chosen on the
+     other nine (``verification_report``). Images are in ``IdentityFolder`` order
+     (identities sorted by name, so ``s10`` before ``s2``; files in natural order), pairs
+     ``(i, j)`` with ``i < j`` in row-major order, pair ``n`` in fold ``n mod 10``. Because
      different-identity pairs are 10 times as many, rejecting every pair already scores
      ``4500/4950 ≈ 0.909``; the AUC and EER of the same report are not affected by the
      imbalance.
@@ -30,6 +32,13 @@ It writes ``metrics.json`` (atomically) to ``out_dir``; the training run (checkp
 ``log.csv``, ``loss_curve.png``, ``config.json``) lives in ``out_dir/train`` and the step-0
 weights in ``out_dir/untrained``. Running it again into the same ``out_dir`` with the same
 settings reuses (or finishes) the run there instead of training again.
+
+Measured at the defaults (48×48, 150 AdamW steps, seed 0; about 8 s of training on one CPU
+thread), ArcFace: verification 0.942 → 0.968, EER 0.192 → 0.067, 1-NN 1.00 → 1.00 (ORL is
+easy: an untrained network already gets 1-NN right). Over six seeds every margin and pair
+loss lands at 0.958–0.988 verification and every control (untrained, shuffled labels) at
+0.934–0.954; ``tests/test_real_faces_orl.py`` lists the measurements per loss. On a shared
+machine, ``torch.set_num_threads(1)`` can be several times faster than the default.
 
 ORL credit: AT&T Laboratories Cambridge (formerly the Olivetti Research Laboratory).
 """
@@ -76,7 +85,7 @@ LOSSES: dict[str, dict[str, Any]] = {
 #: the rest of the training configuration (``orl_config`` fills in paths, loss and length)
 BASE_CONFIG: dict[str, Any] = {
     "seed": 0,
-    "data": {"image_size": 32, "min_images": 1, "num_workers": 0, "verify": True},
+    "data": {"image_size": 48, "min_images": 1, "num_workers": 0, "verify": True},
     "augment": {"flip": True},
     "model": {"name": "small_cnn", "embedding_size": 64,
               "options": {"in_channels": 3, "width": 16}},
@@ -145,9 +154,9 @@ def orl_config(
     run_dir: Path,
     *,
     loss: str | dict[str, Any] = "arcface",
-    steps: int = 300,
+    steps: int = 150,
     seed: int = 0,
-    image_size: int = 32,
+    image_size: int = 48,
 ) -> dict[str, Any]:
     """The example's training configuration as a dictionary for
     :func:`facemetric.training.config_from_dict`.
@@ -378,6 +387,18 @@ def _save_untrained(model: Any, config: Any, folder: Path) -> Path:
                         lambda f: torch.save(state, f))
 
 
+def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the settings that differ between two configuration dictionaries."""
+    keys: list[str] = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and key not in ("params", "options"):
+            keys += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
 def _window_mean(values: Sequence[float], first: bool) -> float:
     window = max(1, len(values) // 10)
     part = values[:window] if first else values[-window:]
@@ -387,12 +408,12 @@ def _window_mean(values: Sequence[float], first: bool) -> float:
 def run_orl_example(
     data_root: Path,
     out_dir: Path,
-    steps: int = 300,
+    steps: int = 150,
     loss: str = "arcface",
     progress: bool = True,
     *,
     seed: int = 0,
-    image_size: int = 32,
+    image_size: int = 48,
     configure: Callable[[dict[str, Any]], None] | None = None,
 ) -> OrlResult:
     """Train the small CNN on 30 ORL identities with the real training loop and measure it on
@@ -427,20 +448,22 @@ def run_orl_example(
 
     orl = find_orl(data_root)
     out_dir = Path(out_dir)
-    train_ids, unseen_ids = split_identities(seed)
     run_dir = out_dir / "train"
     raw = orl_config(orl, out_dir / "train_people.txt", run_dir, loss=loss, steps=steps,
                      seed=seed, image_size=image_size)
     if configure is not None:
         configure(raw)
     config = config_from_dict(raw, source=f"ORL example ({loss})")
+    train_ids, unseen_ids = split_identities(config.seed)
     resume = run_dir.is_dir() and bool(list_checkpoints(run_dir))
     if resume:
-        saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-        if saved != config.to_dict():
+        stored = run_dir / "config.json"
+        saved = json.loads(stored.read_text(encoding="utf-8")) if stored.is_file() else {}
+        changed = _changed_keys(saved, config.to_dict())
+        if changed:
             raise FileExistsError(
-                f"{run_dir} holds a run trained with other settings; choose another out_dir "
-                "or delete that folder"
+                f"{run_dir} holds a run trained with other settings ({', '.join(changed[:5])} "
+                "differ); choose another out_dir or delete that folder"
             )
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -85,6 +85,8 @@ def as_matrix(x: Tensor | np.ndarray, dim: int | None, name: str) -> Tensor:
     Raises:
         ValueError: not 2-D, the wrong width, or NaN/Inf entries.
     """
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        x = np.array(x)  # torch refuses to alias read-only memory (e.g. a store's snapshot)
     t = torch.as_tensor(x).detach()
     if t.dim() != 2 or (dim is not None and t.shape[1] != dim):
         want = f"(n, {dim})" if dim is not None else "(n, D)"
@@ -146,6 +148,10 @@ def exact_topk(
 ) -> tuple[Tensor, Tensor]:
     """The ``k`` base rows of highest inner product with each query, by blocks of ``Q·Bᵀ``.
 
+    Each block of scores is written into one preallocated buffer (so memory stays at one
+    block, with no page faults per block); its top-``k`` are kept, and the kept candidates
+    are reduced to the top-``k`` whenever they reach ``max(8k, 1024)`` columns and at the end.
+
     Args:
         queries, base: row accessors (float32 ``(rows, dim)``); ``base_copies`` and
             ``query_copies`` say whether they return fresh copies (counted in the block
@@ -165,15 +171,19 @@ def exact_topk(
     q_step, b_step = block_shape(n_queries, n_base, dim if base_copies else 0, max_block_bytes,
                                  dim if query_copies else 0)
     any_dead = dead is not None and bool(dead[:n_base].any())
+    buffer = torch.empty(q_step * b_step)
+    spill = max(8 * kk, 1024)
     for q0 in range(0, n_queries, q_step):
         q1 = min(n_queries, q0 + q_step)
         q = queries(q0, q1)
-        best_s: Tensor | None = None
-        best_r = torch.empty(0, dtype=torch.int64)
         own = None if self_rows is None else self_rows[q0:q1]
+        kept_s: list[Tensor] = []
+        kept_r: list[Tensor] = []
+        width = 0
         for b0 in range(0, n_base, b_step):
             b1 = min(n_base, b0 + b_step)
-            s = torch.mm(q, base(b0, b1).T)
+            s = buffer[: (q1 - q0) * (b1 - b0)].view(q1 - q0, b1 - b0)
+            torch.mm(q, base(b0, b1).T, out=s)
             if any_dead:
                 assert dead is not None
                 s.masked_fill_(dead[b0:b1].unsqueeze(0), -math.inf)
@@ -181,20 +191,28 @@ def exact_topk(
                 hit = ((own >= b0) & (own < b1)).nonzero().flatten()
                 s[hit, own[hit] - b0] = -math.inf
             top_s, top_r = torch.topk(s, min(kk, b1 - b0), dim=1)
-            top_r += b0
-            if best_s is None:
-                best_s, best_r = top_s, top_r
-            else:
-                cand_s = torch.cat([best_s, top_s], dim=1)
-                cand_r = torch.cat([best_r, top_r], dim=1)
-                best_s, pick = torch.topk(cand_s, min(kk, cand_s.shape[1]), dim=1)
-                best_r = torch.gather(cand_r, 1, pick)
-        assert best_s is not None
-        width = best_s.shape[1]
-        scores[q0:q1, :width] = best_s
-        rows[q0:q1, :width] = best_r
-    rows[scores == -math.inf] = -1
+            kept_s.append(top_s)
+            kept_r.append(top_r.add_(b0))
+            width += top_s.shape[1]
+            if width >= spill:
+                kept_s, kept_r = _reduce(kept_s, kept_r, kk)
+                width = kept_s[0].shape[1]
+        best_s, best_r = _reduce(kept_s, kept_r, kk)
+        scores[q0:q1, : best_s[0].shape[1]] = best_s[0]
+        rows[q0:q1, : best_r[0].shape[1]] = best_r[0]
+    if any_dead or self_rows is not None:
+        rows[scores == -math.inf] = -1
     return scores, rows
+
+
+def _reduce(kept_s: list[Tensor], kept_r: list[Tensor], k: int) -> tuple[list[Tensor],
+                                                                          list[Tensor]]:
+    """The top-``k`` of the kept candidate columns, as one-element lists."""
+    if len(kept_s) == 1 and kept_s[0].shape[1] <= k:
+        return kept_s, kept_r
+    cand_s, cand_r = torch.cat(kept_s, dim=1), torch.cat(kept_r, dim=1)
+    best_s, pick = torch.topk(cand_s, min(k, cand_s.shape[1]), dim=1)
+    return [best_s], [torch.gather(cand_r, 1, pick)]
 
 
 def tensor_rows(x: Tensor) -> Rows:

@@ -72,7 +72,7 @@ class EmbeddingIndex:
             (``IndexHNSWFlat``: graph, ``ef_search`` candidates). Identity-mode neighbour
             tables are always an IVF join (:func:`~facemetric.index.knn_table`).
         nlist: IVF cells (``search``: default ``√n``, at most ``n/39``, trained on at most
-            ``64·nlist`` vectors; neighbour tables: ``knn_table``'s default ``2·√n``).
+            ``64·nlist`` vectors; neighbour tables: ``knn_table``'s default ``√n``).
         nprobe: IVF cells visited per query (``search``: default ``max(8, nlist/4)``;
             neighbour tables: default tuned to ``target_recall``).
         target_recall: recall@k that approximate neighbour tables are tuned to reach,

@@ -10,9 +10,10 @@ the ``k`` other rows of highest cosine ``x̂_i · x̂_j`` (``j ≠ i``), best fi
   *Product Quantization for Nearest Neighbor Search*, TPAMI 2011, the inverted file). Since
   the queries are the indexed rows themselves, the search is run as a *join*, cell by cell:
   the queries that probe cell ``c`` (gathered) times the rows of cell ``c``, one matrix
-  product each, so every score comes out of a BLAS GEMM instead of a per-query scan (faiss's
-  ``IndexIVFFlat.search`` scans list by list per query, which measured several times slower
-  on 2 cores for self-joins of 10⁵–10⁶ rows, see ``benchmarks/index.py``).
+  product each, so every score comes out of a BLAS GEMM instead of a per-query scan. On 2
+  shared cores, faiss's ``IndexIVFFlat.search`` at the same cells and ``nprobe`` took about
+  twice as long as this join for 2·10⁵ rows (``benchmarks/index.py``, part d), and this
+  needs no faiss. The join runs in ``workers`` threads over disjoint query shares.
 
 **Choosing ``nprobe`` by measured recall.** Within the probed cells the search is exhaustive
 and exact, so a true neighbour ``j`` of query ``q`` is found exactly when its cell is among
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,7 +67,9 @@ class KnnTable:
         nlist, nprobe: the IVF cells and cells probed per query (``None`` when exact).
         sample_recall: recall@k of the returned rows of the tuning sample against brute force
             (``1.0`` when exact, ``None`` if no sample was measured).
-        seconds: wall time per phase (``kmeans``, ``tune``, ``assign``, ``join``, ``exact``).
+        seconds: wall time per phase (``kmeans``, ``tune``, ``assign``, ``join``, ``refill``:
+            more cells for the rows whose probed cells held fewer than ``k`` others; or
+            ``exact``).
     """
 
     ids: Tensor
@@ -92,6 +96,7 @@ def knn_table(
     train_per_cell: int = 32,
     seed: int = 0,
     max_block_bytes: int = DEFAULT_BLOCK_BYTES,
+    workers: int | None = None,
 ) -> KnnTable:
     """The ``k`` nearest other rows (cosine) of each row of ``vectors``.
 
@@ -103,12 +108,20 @@ def knn_table(
         method: ``"exact"``, ``"ivf"`` or ``"auto"`` (exact when ``n <= exact_below``).
         target_recall: IVF: the smallest ``nprobe`` whose recall@k, measured on the sample,
             reaches this.
-        nlist: IVF cells (default ``2·√n``, at most ``n / train_per_cell``).
+        nlist: IVF cells (default ``√n``, at most ``n / train_per_cell``): a self-join
+            assigns all ``n`` rows to cells (``n·nlist`` products) and scans ``≈ n²·nprobe /
+            nlist``, so fewer cells than the ``4√n``+ usual for few queries pay off.
         nprobe: IVF cells probed per query; given, it is used as is (no tuning).
         sample: query rows drawn (with ``seed``) to tune ``nprobe`` and measure recall;
             ``0`` skips the measurement (then ``nprobe`` must be given).
         kmeans_iters, train_per_cell: k-means steps, and rows per cell it trains on.
         max_block_bytes: bound on one block of scores (and gathered rows) in memory.
+        workers: threads of the IVF join (default ``torch.get_num_threads()``), each with
+            single-threaded torch ops; the other phases use torch's own threads.
+
+    Rows whose probed cells hold fewer than ``k`` other rows are searched again with twice
+    the cells (repeatedly; brute force when that would be all of them), so every row gets
+    ``k`` neighbours.
 
     Memory: the table ``(m, k)``, the probe lists ``(m, nprobe)`` int64 and one block; no
     ``n × n`` matrix and no copy of ``vectors`` when they are float32 unit rows.
@@ -129,6 +142,8 @@ def knn_table(
                          f"{sample}, {kmeans_iters}, {train_per_cell}")
     if (nlist is not None and nlist < 1) or (nprobe is not None and nprobe < 1):
         raise ValueError(f"nlist and nprobe must be >= 1, got {nlist}, {nprobe}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     if not is_unit(x):
         x = unit_rows(x, "vectors")
     query_rows = torch.arange(n) if rows is None else as_int64(rows, "rows")
@@ -136,7 +151,7 @@ def knn_table(
         raise ValueError(f"rows must lie in [0, {n}), got values in "
                          f"[{int(query_rows.min())}, {int(query_rows.max())}]")
     exact = method == "exact" or (method == "auto" and n <= exact_below)
-    if exact:
+    if exact or query_rows.numel() == 0:
         started = time.perf_counter()
         scores, ids = _exact(x, query_rows, k, max_block_bytes)
         return KnnTable(ids, scores, True, sample_recall=1.0,
@@ -144,7 +159,7 @@ def knn_table(
     if sample == 0 and nprobe is None:
         raise ValueError("sample=0 leaves nothing to tune nprobe on: give nprobe or a sample")
     return _ivf(x, query_rows, k, target_recall, nlist, nprobe, sample, kmeans_iters,
-                train_per_cell, seed, max_block_bytes)
+                train_per_cell, seed, max_block_bytes, workers or torch.get_num_threads())
 
 
 def _exact(x: Tensor, query_rows: Tensor, k: int, budget: int) -> tuple[Tensor, Tensor]:
@@ -157,6 +172,7 @@ def _exact(x: Tensor, query_rows: Tensor, k: int, budget: int) -> tuple[Tensor, 
 def _ivf(
     x: Tensor, query_rows: Tensor, k: int, target: float, nlist: int | None,
     nprobe: int | None, sample: int, iters: int, per_cell: int, seed: int, budget: int,
+    workers: int,
 ) -> KnnTable:
     n = x.shape[0]
     m = query_rows.numel()
@@ -164,7 +180,7 @@ def _ivf(
     gen = torch.Generator().manual_seed(seed)
 
     started = time.perf_counter()
-    cells = max(1, min(nlist or round(2 * math.sqrt(n)), n // per_cell))
+    cells = max(1, min(nlist or round(math.sqrt(n)), n // per_cell))
     train = x
     if n > per_cell * cells:
         train = x[torch.sort(torch.randperm(n, generator=gen)[: per_cell * cells]).values]
@@ -201,15 +217,25 @@ def _ivf(
     seconds["assign"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    scores, ids = _join(x, query_rows, home, probes, cells, k, budget)
+    scores, ids = _join(x, query_rows, home, probes, cells, k, budget, workers)
     seconds["join"] = time.perf_counter() - started
 
-    # rows whose probed cells held fewer than k others: brute force for those few
+    # rows whose probed cells held fewer than k others: probe twice as many cells for
+    # them, and so on; brute force once that would be every cell
     short = (ids < 0).any(dim=1).nonzero().flatten()
-    if short.numel():
-        started = time.perf_counter()
-        scores[short], ids[short] = _exact(x, query_rows[short], k, budget)
-        seconds["exact"] = time.perf_counter() - started
+    started, probed = time.perf_counter(), nprobe
+    while short.numel():
+        probed = min(cells, 2 * probed)
+        if probed == cells:
+            scores[short], ids[short] = _exact(x, query_rows[short], k, budget)
+            break
+        more = nearest_cells(gathered_rows(x, query_rows[short]), short.numel(), centroids,
+                             probed, max_block_bytes=budget)
+        scores[short], ids[short] = _join(x, query_rows[short], home, more, cells, k, budget,
+                                          workers)
+        short = short[(ids[short] < 0).any(dim=1)]
+    if probed != nprobe:
+        seconds["refill"] = time.perf_counter() - started
     measured = None
     if picked.numel():
         got = ids[picked]
@@ -220,26 +246,62 @@ def _ivf(
 
 def _join(
     x: Tensor, query_rows: Tensor, home: Tensor, probes: Tensor, cells: int, k: int,
-    budget: int,
+    budget: int, workers: int,
 ) -> tuple[Tensor, Tensor]:
-    """Top-``k`` of each query over the rows of its probed cells, one cell at a time.
+    """Top-``k`` of each query over the rows of its probed cells (see :func:`_join_part`).
 
-    ``home (n,)``: each row's cell; ``probes (m, p)``: each query's cells, nearest first.
-    For cell ``c`` the queries probing it (``Pc``) are scored against its rows (``Lc``) by one
-    product ``X[Pc]·X[Lc]ᵀ`` (split into blocks within ``budget``), each query's own row
-    masked. The home cells (first probe) go first, so every query has a running ``k``-th
-    best score ``τ`` before its other cells are visited; there, only the queries with some
-    score above ``τ`` (a row count, cheap) take part in the top-``k`` merge.
+    With ``workers > 1`` the queries are dealt round-robin to that many Python threads,
+    each running the join for its share with single-threaded torch ops (which release the
+    GIL). Thousands of small products each split over 2 threads stalled whenever another
+    process held a core (measured ~10× slower under load); whole-join threads do not.
     """
-    n, dim = x.shape
     m = probes.shape[0]
-    best_s = torch.full((m, k), -math.inf)
-    best_i = torch.full((m, k), -1, dtype=torch.int64)
     members = torch.argsort(home, stable=True)  # rows grouped by cell
     counts = torch.bincount(home, minlength=cells)
     starts = torch.cumsum(counts, 0) - counts
-    slot_in_cell = torch.empty(n, dtype=torch.int64)  # a row's position within its cell
-    slot_in_cell[members] = torch.arange(n) - starts[home[members]]
+    slot = torch.empty_like(home)  # a row's position within its cell
+    slot[members] = torch.arange(home.numel()) - starts[home[members]]
+    cells_of = (members, counts, starts, slot)
+    if workers <= 1 or m < 2 * workers:
+        return _join_part(x, query_rows, home, probes, cells_of, k, budget)
+    parts = [torch.arange(w, m, workers) for w in range(workers)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            done = list(pool.map(
+                lambda p: _join_part(x, query_rows[p], home, probes[p], cells_of, k,
+                                     budget // workers), parts))
+    finally:
+        torch.set_num_threads(threads)
+    best_s = torch.empty(m, k)
+    best_i = torch.empty(m, k, dtype=torch.int64)
+    for p, (s, i) in zip(parts, done, strict=True):
+        best_s[p], best_i[p] = s, i
+    return best_s, best_i
+
+
+def _join_part(
+    x: Tensor, query_rows: Tensor, home: Tensor, probes: Tensor,
+    cells_of: tuple[Tensor, Tensor, Tensor, Tensor], k: int, budget: int,
+) -> tuple[Tensor, Tensor]:
+    """Top-``k`` of each query over the rows of its probed cells, one cell at a time.
+
+    ``home (n,)``: each row's cell; ``probes (m, p)``: each query's cells, nearest first;
+    ``cells_of``: the rows grouped by cell (``members``), each cell's ``counts`` and
+    ``starts`` in ``members``, and each row's ``slot`` within its cell. For cell ``c`` the
+    queries probing it (``Pc``) are scored against its rows (``Lc``) by one product
+    ``X[Pc]·X[Lc]ᵀ`` (split into blocks within ``budget``), each query's own row masked. The
+    home cells (first probe) go first, so every query has a running ``k``-th best score
+    ``τ`` before its other cells are visited; there, only the queries with some score above
+    ``τ`` (a row count, cheap) take part in the top-``k`` merge.
+    """
+    dim = x.shape[1]
+    members, counts, starts, slot_in_cell = cells_of
+    cells = counts.numel()
+    m = probes.shape[0]
+    best_s = torch.full((m, k), -math.inf)
+    best_i = torch.full((m, k), -1, dtype=torch.int64)
     own_home, own_slot = home[query_rows], slot_in_cell[query_rows]
     for phase in (probes[:, :1], probes[:, 1:]):
         if phase.numel() == 0:

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from facemetric.index._search import (
     DEFAULT_BLOCK_BYTES,
+    Rows,
     as_int64,
     as_matrix,
     cell_ranks,
@@ -39,7 +40,6 @@ _GROWTH = 1.5  # capacity factor when the preallocated rows run out
 _MIN_CAPACITY = 1024
 _TRAIN_PER_CELL = 32  # IVF k-means trains on this many templates per cell
 _TUNE_QUERIES = 1000  # stored templates used as queries to tune the IVF nprobe
-_TUNE_K = 10  # ... at this recall@k
 _IVF_RETRAIN_GROWTH = 4  # retrain the IVF cells once the index is this many times larger
 _IVF_LABEL_SLACK = 4  # re-add IVF contents when labels issued exceed this × live templates
 
@@ -77,8 +77,8 @@ class TemplateIndex:
     costs ``O(removed · D)``; the per-person counts and sums are decremented.
 
     **Exact search** (default): blocks of ``Q·Gᵀ`` by ``torch.mm`` in float32 (compact rows
-    are decoded one block at a time), each block's top-``k`` merged into a running top-``k``;
-    one block of scores (plus decoded rows) never exceeds ``max_block_bytes``. Persons by
+    are decoded one block at a time into one scratch block), each block's top-``k`` kept and
+    merged; one block of scores (plus decoded rows) never exceeds ``max_block_bytes``. Persons by
     ``max`` are the first ``k`` distinct owners of the top-``T`` templates, which is exact
     once ``T`` holds ``k`` distinct owners — guaranteed at ``T = k · (most templates of one
     person)``; ``T`` starts at ``min(that, max(fetch_factor·k, 256))`` and doubles for the
@@ -95,8 +95,14 @@ class TemplateIndex:
     out of each answer (the search over-fetches by ``total / live`` and refetches queries
     left short), and the graph is rebuilt once tombstones exceed ``rebuild_fraction`` of it.
     IVF deletes in place (``remove_ids``); its cells come from spherical k-means, and its
-    ``nprobe`` (unless given) is the smallest whose recall@10, measured on stored templates
-    against exact search, reaches ``target_recall``. Persons are aggregated from the
+    ``nprobe`` (unless given) is the smallest whose recall@``tune_k``, measured with 1,000
+    stored templates as queries (themselves excluded) against exact search, reaches
+    ``target_recall``. The default ``tune_k = 1`` asks that a template's nearest other
+    template — for a gallery, usually the same person's — be found: recall@10 over
+    templates would also demand the 6th–10th neighbours of a 5-template person, which are
+    near-random strangers and would need nearly every cell probed. The IVF cells are
+    retrained once the index has grown 4× since, and the contents re-added once the labels
+    handed out (one per add) exceed 4× the templates. Persons are aggregated from the
     over-fetched candidates (``mean``: candidate persons rescored by their mean template).
 
     **Empty index / small ``k``.** With no templates every search returns ``(Q, 0)``
@@ -109,10 +115,11 @@ class TemplateIndex:
         dtype: ``"float32"``, ``"float16"`` or ``"int8"``.
         approximate: ``None`` (always exact), ``"hnsw"`` or ``"ivf"``.
         approximate_above: the approximate index is used while there are more templates.
-        track_means: keep per-person sums (``D`` float32 a person) for ``mode="mean"``.
+        track_means: keep per-person sums and means (``2·D`` float32 a person) for
+            ``mode="mean"``.
         hnsw_m, ef_construction, ef_search: HNSW links per node, build and search breadth.
         nlist, nprobe: IVF cells (default ``2·√n``, at most ``n/32``) and cells probed.
-        target_recall: the recall@10 the IVF ``nprobe`` is tuned to.
+        target_recall, tune_k: the recall@``tune_k`` the IVF ``nprobe`` is tuned to.
         rebuild_fraction: HNSW tombstone share that triggers a rebuild.
         fetch_factor: persons' first fetch is ``fetch_factor·k`` templates (at least 256).
         max_block_bytes: bound on one block of scores (and decoded rows) in memory.
@@ -128,11 +135,12 @@ class TemplateIndex:
         approximate_above: int = 0,
         track_means: bool = True,
         hnsw_m: int = 32,
-        ef_construction: int = 80,
+        ef_construction: int = 40,
         ef_search: int = 64,
         nlist: int | None = None,
         nprobe: int | None = None,
         target_recall: float = 0.95,
+        tune_k: int = 1,
         rebuild_fraction: float = 0.25,
         fetch_factor: int = 4,
         max_block_bytes: int = DEFAULT_BLOCK_BYTES,
@@ -146,7 +154,8 @@ class TemplateIndex:
             raise ValueError(f"approximate must be None or one of {APPROXIMATE}, "
                              f"got {approximate!r}")
         for name, value in (("hnsw_m", hnsw_m), ("ef_construction", ef_construction),
-                            ("ef_search", ef_search), ("fetch_factor", fetch_factor)):
+                            ("ef_search", ef_search), ("fetch_factor", fetch_factor),
+                            ("tune_k", tune_k)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if approximate_above < 0:
@@ -164,7 +173,8 @@ class TemplateIndex:
         self.approximate, self.approximate_above = approximate, int(approximate_above)
         self.track_means = track_means
         self.hnsw_m, self.ef_construction, self.ef_search = hnsw_m, ef_construction, ef_search
-        self.nlist, self.nprobe, self.target_recall = nlist, nprobe, target_recall
+        self.nlist, self.nprobe = nlist, nprobe
+        self.target_recall, self.tune_k = target_recall, tune_k
         self.rebuild_fraction, self.fetch_factor = rebuild_fraction, fetch_factor
         self.max_block_bytes, self.seed = int(max_block_bytes), int(seed)
         self.clear()
@@ -214,8 +224,9 @@ class TemplateIndex:
 
     @property
     def bytes_per_template(self) -> int:
-        """Bytes of one stored template vector (``+ 4`` for the int8 scale); bookkeeping
-        (id, owner slot: 16 bytes) and the approximate index come on top."""
+        """Bytes of one stored template vector (``+ 4`` for the int8 scale). On top come
+        24 bytes of tensors (id, owner slot, faiss label), the id → row ``dict`` (about 100
+        bytes of Python objects a template), and the faiss index when there is one."""
         size = self._data.element_size() * self.dim
         return size + 4 if self.dtype == "int8" else size
 
@@ -359,17 +370,21 @@ class TemplateIndex:
         most = int(self._counts[: self._n_slots].max())
         cap = min(self._n, width * most)  # this many templates hold `width` persons
         fetch = min(cap, max(self.fetch_factor * width, 256))
-        scores = torch.full((q.shape[0], width), -math.inf)
-        slots = torch.full((q.shape[0], width), -1, dtype=torch.int64)
-        todo = torch.arange(q.shape[0])
-        while todo.numel():
-            t_scores, t_rows = self._templates(q[todo], fetch)
+        scores = slots = torch.empty(0)
+        todo: Tensor | None = None  # None: every query (no gathers on the first pass)
+        while True:
+            asked = q if todo is None else q[todo]
+            t_scores, t_rows = self._templates(asked, fetch)
             t_slots = torch.where(t_rows >= 0, self._slot[t_rows.clamp_min(0)], -1)
             if mode == "max":
                 got_s, got_p, found = first_distinct(t_scores, t_slots, width)
             else:
-                got_s, got_p, found = self._score_means(q[todo], t_slots, width)
-            scores[todo], slots[todo] = got_s, got_p
+                got_s, got_p, found = self._score_means(asked, t_slots, width)
+            if todo is None:
+                scores, slots = got_s, got_p
+                todo = torch.arange(q.shape[0])
+            else:
+                scores[todo], slots[todo] = got_s, got_p
             short = found < width
             if fetch >= cap or not bool(short.any()):
                 break
@@ -393,6 +408,24 @@ class TemplateIndex:
         if self.dtype == "float16":
             return data.float()
         return data.float().mul_(self._scale[start:stop].unsqueeze(1))
+
+    def _block_reader(self) -> Rows:
+        """Like :meth:`_decode`, but compact rows are decoded into one scratch block reused
+        from call to call (each result is only valid until the next call)."""
+        if self.dtype == "float32":
+            return self._decode
+        scratch: list[Tensor] = []
+
+        def read(start: int, stop: int) -> Tensor:
+            if not scratch or scratch[0].shape[0] < stop - start:
+                scratch[:] = [torch.empty(stop - start, self.dim)]
+            out = scratch[0][: stop - start]
+            out.copy_(self._data[start:stop])
+            if self.dtype == "int8":
+                out.mul_(self._scale[start:stop].unsqueeze(1))
+            return out
+
+        return read
 
     def _decode_rows(self, rows: Tensor) -> Tensor:
         data = self._data.index_select(0, rows)
@@ -501,7 +534,7 @@ class TemplateIndex:
     def _templates(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Top-``k`` ``(scores, rows)`` of the queries, exact or approximate (rescored)."""
         if not self.uses_approximate:
-            return exact_topk(tensor_rows(q), q.shape[0], self._decode, self._n, k,
+            return exact_topk(tensor_rows(q), q.shape[0], self._block_reader(), self._n, k,
                               dim=self.dim, base_copies=self.dtype != "float32",
                               max_block_bytes=self.max_block_bytes)
         self._ensure_ann()
@@ -600,10 +633,10 @@ class TemplateIndex:
             self._ann_add(r0, min(n, r0 + step))
 
     def _tune_nprobe(self, centroids: Tensor, gen: torch.Generator) -> int:
-        """Smallest nprobe whose recall@10 on stored templates (as queries, themselves
+        """Smallest nprobe whose recall@``tune_k`` on stored templates (as queries, themselves
         excluded) reaches ``target_recall`` (see :func:`facemetric.index.knn_table`)."""
         n = self._n
-        k = min(_TUNE_K, n - 1)
+        k = min(self.tune_k, n - 1)
         if k < 1:
             return 1
         picked = torch.randperm(n, generator=gen)[:_TUNE_QUERIES]

@@ -52,7 +52,8 @@ def set_statistics_group(module: nn.Module, group: Any) -> list[str]:
 
 def gather_rows(tensors: Sequence[Tensor], group: Any) -> list[Tensor]:
     """Each of ``tensors`` concatenated along dimension 0 over every process of ``group``, in
-    rank order; the tensors themselves when ``group`` is ``None`` or has one process.
+    rank order; the tensors themselves when ``group`` is ``None`` or has one process (or
+    ``torch.distributed`` is not initialised).
 
     The tensors of one call share their number of rows on each process (they describe the
     same samples); processes may hold different numbers of rows, the other dimensions and
@@ -60,8 +61,8 @@ def gather_rows(tensors: Sequence[Tensor], group: Any) -> list[Tensor]:
     collective: every process of the group must call it with the same number of tensors.
     """
     tensors = [t.detach() for t in tensors]
-    if group is None or dist.get_world_size(group) == 1:
-        return tensors
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return tensors  # (no process group any more: the module is used on its own)
     rows = {t.shape[0] for t in tensors}
     if len(rows) != 1:
         raise ValueError(f"gather_rows: the tensors must have one number of rows, got {rows}")

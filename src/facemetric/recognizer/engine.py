@@ -272,6 +272,10 @@ class Recognizer:
             self._names = {p.id: p.name for p in _all_persons(store, self.collection)}
         self._version = changes.version
 
+    def persons_records(self) -> list[Any]:
+        """Every :class:`~facemetric.gallery.Person` of the collection (paged reads)."""
+        return _all_persons(self._require_store(), self.collection)
+
     @property
     def persons(self) -> list[str]:
         """Names of the enrolled persons with at least one face, sorted."""

@@ -1,0 +1,1 @@
+"""Presentation-attack detection (placeholder, filled below)."""

@@ -1,0 +1,344 @@
+"""The JSON the service reads and writes (pydantic models: they validate requests and make
+the OpenAPI document at ``/openapi.json``). Field names are snake_case; unknown request
+fields are refused (422), so a misspelt option never passes silently.
+
+Image requests come as ``application/json`` with base64 images (the ``*Request`` models)
+or as ``multipart/form-data`` with one file part per image and the options as text parts
+(the ``*Form`` schemas, generated from the same models). Response bodies mirror the
+recognizer's ``to_dict()`` (:mod:`facemetric.recognizer.results`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Base64Image = str
+"""An image file (JPEG, PNG, ...) in standard base64, optionally a ``data:`` URL."""
+
+_B64 = {"format": "byte", "contentEncoding": "base64"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+FarField = Field(default=None, gt=0.0, le=1.0,
+                 description="false-accept rate the decision is made at (default 1e-3); "
+                             "must be one the model's threshold table resolves")
+
+# ----------------------------------------------------------------------------- requests
+
+
+class VerifyOptions(_Strict):
+    far: float | None = FarField
+    policy: Literal["largest", "centre", "single"] = Field(
+        default="largest", description="which face of each image is compared")
+
+
+class VerifyRequest(VerifyOptions):
+    a: Base64Image = Field(json_schema_extra=_B64, description="the first image, base64")
+    b: Base64Image = Field(json_schema_extra=_B64, description="the second image, base64")
+
+
+class IdentifyOptions(_Strict):
+    k: int = Field(default=5, ge=1, le=100, description="candidates per face")
+    far: float | None = FarField
+    policy: Literal["largest", "centre", "all"] = Field(
+        default="largest", description="'all' answers for every face in the image")
+
+
+class IdentifyRequest(IdentifyOptions):
+    image: Base64Image = Field(json_schema_extra=_B64, description="the probe image, base64")
+
+
+class EmbedOptions(_Strict):
+    policy: Literal["largest", "centre", "all", "single"] = "largest"
+
+
+class EmbedRequest(EmbedOptions):
+    images: list[Base64Image] = Field(min_length=1, json_schema_extra={"items": _B64},
+                                      description="images, base64")
+
+
+class EnrollOptions(_Strict):
+    policy: Literal["single", "largest", "centre"] = Field(
+        default="single", description="'single' refuses photos with several faces")
+    metadata: dict[str, Any] | None = Field(
+        default=None, description="JSON facts stored with a person created by this request "
+                                  "(multipart: JSON text)")
+
+
+class EnrollRequest(EnrollOptions):
+    images: list[Base64Image] = Field(min_length=1, json_schema_extra={"items": _B64},
+                                      description="photos of the person, base64")
+
+
+class CollectionCreate(_Strict):
+    name: str = Field(min_length=1, max_length=200, description="unique collection name")
+
+
+class PersonCreate(_Strict):
+    name: str = Field(min_length=1, max_length=200,
+                      description="unique within the collection; no '/' (it is a URL segment)")
+    metadata: dict[str, Any] | None = None
+
+
+class KeyCreate(_Strict):
+    scope: Literal["read", "enroll", "admin"]
+    collection: str | None = Field(default=None, min_length=1, max_length=200,
+                                   description="bind the key to this collection")
+    name: str = Field(default="", max_length=200, description="a label for people")
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorEnvelope(BaseModel):
+    error: ErrorBody
+    request_id: str
+
+
+class ThresholdOut(BaseModel):
+    value: float
+    far: float
+    impostors: int
+
+
+class IntBox(BaseModel):
+    left: int
+    top: int
+    right: int
+    bottom: int
+
+
+class FloatBox(BaseModel):
+    left: float
+    top: float
+    right: float
+    bottom: float
+
+
+class ImageReport(BaseModel):
+    index: int
+    problem: str | None
+    detail: str
+    faces_detected: int
+
+
+class VerifyImage(ImageReport):
+    box: IntBox | None
+
+
+class VerifyResponse(BaseModel):
+    score: float | None
+    threshold: ThresholdOut
+    same: bool | None
+    images: list[VerifyImage]
+
+
+class CandidateOut(BaseModel):
+    person: str
+    score: float
+    templates: int
+
+
+class IdentifiedFaceOut(BaseModel):
+    box: IntBox
+    best: str
+    known: bool
+    candidates: list[CandidateOut]
+    threshold: ThresholdOut
+    fpir_bound: float
+
+
+class IdentifyResponse(ImageReport):
+    collection: str
+    faces: list[IdentifiedFaceOut]
+
+
+class EmbeddedFace(BaseModel):
+    box: IntBox
+    detection_score: float
+    embedding: list[float]
+
+
+class EmbeddedImage(ImageReport):
+    faces: list[EmbeddedFace]
+
+
+class EmbedResponse(BaseModel):
+    model: str = Field(description="fingerprint of the model contract")
+    embedding_size: int
+    images: list[EmbeddedImage]
+
+
+class EnrollOutcomeOut(BaseModel):
+    index: int
+    accepted: bool
+    face_id: int | None
+    problem: str | None
+    detail: str
+    box: IntBox | None
+
+
+class EnrollResponse(BaseModel):
+    collection: str
+    person: str
+    accepted: int
+    rejected: int
+    images: list[EnrollOutcomeOut]
+
+
+class CollectionOut(BaseModel):
+    id: int
+    name: str
+    version: int
+    person_count: int
+    face_count: int
+    created_at: str
+    model: str = Field(description="fingerprint of the model contract it is pinned to")
+    backbone: str
+    embedding_size: int
+
+
+class PersonOut(BaseModel):
+    id: int
+    collection: str
+    name: str
+    metadata: dict[str, Any]
+    face_count: int
+    created_at: str
+
+
+class FaceOut(BaseModel):
+    id: int
+    person: str
+    box: FloatBox
+    quality: float
+    landmark_scheme: str
+    source_sha256: str
+    created_at: str
+
+
+class CollectionPage(BaseModel):
+    items: list[CollectionOut]
+    next_cursor: str | None
+
+
+class PersonPage(BaseModel):
+    items: list[PersonOut]
+    next_cursor: str | None
+
+
+class FacePage(BaseModel):
+    items: list[FaceOut]
+    next_cursor: str | None
+
+
+class KeyOut(BaseModel):
+    id: str
+    scope: str
+    collection: str | None
+    name: str
+    created_at: str
+    revoked_at: str | None
+
+
+class KeyCreated(KeyOut):
+    key: str = Field(description="the key itself: shown once, never stored")
+
+
+class KeyPage(BaseModel):
+    items: list[KeyOut]
+
+
+class Deleted(BaseModel):
+    deleted: str
+    faces_removed: int | None = None
+
+
+class GalleryHealth(BaseModel):
+    backend: str
+    collections: int
+    persons: int
+    faces: int
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+    model: dict[str, Any]
+    calibrated_fars: list[float] | None
+    gallery: GalleryHealth
+    limits: dict[str, int]
+    micro_batching: dict[str, Any]
+
+
+def form_schema(model: type[BaseModel], files: dict[str, bool]) -> dict[str, Any]:
+    """The ``multipart/form-data`` schema of an image request: ``files`` maps each image
+    field to whether it repeats; the options are text parts (JSON text for objects)."""
+    options = model.model_json_schema()
+    props: dict[str, Any] = {}
+    for name, many in files.items():
+        binary = {"type": "string", "format": "binary"}
+        props[name] = {"type": "array", "items": binary, "minItems": 1} if many else binary
+    for name, spec in options.get("properties", {}).items():
+        if name in files:
+            continue
+        if "anyOf" in spec and any(s.get("type") == "object" for s in spec["anyOf"]):
+            props[name] = {"type": "string", "description": "a JSON object"}
+        else:
+            props[name] = {k: v for k, v in spec.items() if k != "title"}
+    return {"type": "object", "properties": props, "required": list(files),
+            "additionalProperties": False}
+
+
+__all__ = [
+    "CandidateOut",
+    "CollectionCreate",
+    "CollectionOut",
+    "CollectionPage",
+    "Deleted",
+    "EmbedOptions",
+    "EmbedRequest",
+    "EmbedResponse",
+    "EmbeddedFace",
+    "EmbeddedImage",
+    "EnrollOptions",
+    "EnrollOutcomeOut",
+    "EnrollRequest",
+    "EnrollResponse",
+    "ErrorBody",
+    "ErrorEnvelope",
+    "FaceOut",
+    "FacePage",
+    "FloatBox",
+    "GalleryHealth",
+    "HealthResponse",
+    "IdentifiedFaceOut",
+    "IdentifyOptions",
+    "IdentifyRequest",
+    "IdentifyResponse",
+    "ImageReport",
+    "IntBox",
+    "KeyCreate",
+    "KeyCreated",
+    "KeyOut",
+    "KeyPage",
+    "PersonCreate",
+    "PersonOut",
+    "PersonPage",
+    "ThresholdOut",
+    "VerifyImage",
+    "VerifyOptions",
+    "VerifyRequest",
+    "VerifyResponse",
+    "form_schema",
+]

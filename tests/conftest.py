@@ -46,6 +46,12 @@ def cfp_root() -> Path:
     return _need("cfp")
 
 
+@pytest.fixture(scope="session")
+def nuaa_root() -> Path:
+    """``FACEMETRIC_DATA/nuaa`` (NUAA print-attack photos: live/ and spoof/, 9 subjects)."""
+    return _need("nuaa")
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     from facemetric.service_cli import add_service_commands
 
     add_service_commands(sub)
+    from facemetric.pad_cli import add_pad_commands
+
+    add_pad_commands(sub)
     return parser
 
 

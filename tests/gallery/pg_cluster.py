@@ -86,6 +86,7 @@ class PostgresCluster:
         self.port = _free_port()
         self._counter = 0
         self._icu: bool | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
         if self.owner is not None:
             os.chown(self.root, self.owner.pw_uid, self.owner.pw_gid)
         os.chmod(self.root, 0o700)
@@ -138,8 +139,26 @@ class PostgresCluster:
                 f"pg_ctl start failed ({done.returncode}): {done.stderr[-2000:]}\n"
                 f"server log:\n{self._log_tail()}"
             )
+        # If the test process dies without stop() (kill -9, a CI timeout), a watchdog in a
+        # session of its own shuts the server down (SIGQUIT: immediate) and removes the folder.
+        pidfile = self.data / "postmaster.pid"
+        script = (
+            f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 1; done; "
+            f"[ -f '{pidfile}' ] && kill -QUIT \"$(head -n 1 '{pidfile}')\"; "
+            f"sleep 3; rm -rf '{self.root}'"
+        )
+        self._watchdog = subprocess.Popen(
+            ["sh", "-c", script],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
     def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.kill()
+            self._watchdog.wait()
         try:
             done = self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
             if done.returncode != 0:
@@ -181,6 +200,15 @@ class PostgresCluster:
             else:
                 conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0 ENCODING \'UTF8\'')
         return self.dsn(name)
+
+
+def psycopg_missing() -> bool:
+    """Whether psycopg cannot be imported."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        return True
+    return False
 
 
 def start_cluster() -> PostgresCluster:

@@ -219,15 +219,31 @@ def test_a_database_that_is_not_utf8_is_refused(pg_cluster: PostgresCluster) -> 
 def test_a_lost_connection_is_replaced(pg: PostgresGallery, pg_dsn: str, model: ModelContract):
     ids = pg.add_faces(COLLECTION, "kit", faces_for("lost", 0), contract=model)
     # The server ends every session of this store (an administrator, a failover ...).
-    killed = _rows(
-        pg_dsn,
+    terminate = (
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-        "WHERE application_name = 'facemetric' AND pid <> pg_backend_pid()",
+        "WHERE application_name = 'facemetric' AND pid <> pg_backend_pid()"
     )
+    killed = _rows(pg_dsn, terminate)
     assert killed and all(r[0] for r in killed)
     assert [f.id for f in pg.faces(COLLECTION, "kit")] == ids  # read: retried transparently
+    _rows(pg_dsn, terminate)
+    # A write whose connection broke before COMMIT is retried on a new one: applied once.
     more = pg.add_faces(COLLECTION, "kit", faces_for("lost", 1)[:1], contract=model)
     assert pg.get_person(COLLECTION, "kit").face_count == len(ids) + len(more)
+    assert pg.version(COLLECTION) == 2
+
+
+def test_a_connection_left_inside_a_transaction_is_never_reused_as_is(
+    pg: PostgresGallery, pg_dsn: str
+) -> None:
+    # As after an interrupt that also broke the ROLLBACK: the thread's connection is still
+    # inside a transaction holding an uncommitted row.
+    conn = pg._connection()
+    conn.execute("BEGIN")
+    conn.execute("INSERT INTO meta (key, value) VALUES ('stale', 'x')")
+    pg.add_person(COLLECTION, "fresh")  # its own transaction, not a continuation
+    assert _rows(pg_dsn, "SELECT count(*) FROM meta WHERE key = 'stale'") == [(0,)]
+    assert pg.get_person(COLLECTION, "fresh").name == "fresh"
 
 
 def test_threads_have_their_own_connections(pg: PostgresGallery, pg_dsn: str) -> None:

@@ -154,7 +154,7 @@ def _rates(s: np.ndarray, y: np.ndarray, sp: np.ndarray,
     for a in _species_scores(s, y, sp).values():
         apcer = np.maximum(apcer, np.searchsorted(a, thresholds, side="left") / a.shape[0])
     bona = np.sort(s[~y])
-    bpcer = 1.0 - np.searchsorted(bona, thresholds, side="left") / bona.shape[0]
+    bpcer = (bona.shape[0] - np.searchsorted(bona, thresholds, side="left")) / bona.shape[0]
     return apcer, bpcer
 
 
@@ -276,7 +276,7 @@ def pad_report(scores: Any, is_attack: Any, threshold: float,
 
 # ------------------------------------------------------------------ DET plot
 
-_DET_TICKS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.95)
+_DET_TICKS = (0.0001, 0.001, 0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.95)
 _PROBIT = NormalDist()
 
 
@@ -292,7 +292,8 @@ def plot_det(
     title: str = "DET (presentation-attack detection)",
 ) -> Path:
     """BPCER against APCER on probit axes, one curve per report, its operating point
-    (the report's threshold) as a dot; the legend gives ACER and the presentation counts.
+    (the report's threshold) as a dot; the legend gives ACER and the presentation counts
+    and says when a curve separates the classes perfectly (its (0, 0) point is off the axes).
     Dotted lines mark ``1/N_A`` and ``1/N_BF``, the smallest non-zero rates; a rate of 0
     lies beyond the axis edge. Same style as :mod:`facemetric.evaluation.plots` (Agg
     figure, atomic PNG write). Returns ``Path(path)``."""
@@ -300,13 +301,15 @@ def plot_det(
 
     named = _as_named(reports, PadReport, "PAD report")
     lowest = min(min(1.0 / r.det.attacks, 1.0 / r.det.bona_fide) for r in named.values())
-    lo = max(1e-4, min(_DET_TICKS[0], 10.0 ** math.floor(math.log10(lowest))))
+    lo = max(_DET_TICKS[0], 10.0 ** math.floor(math.log10(lowest) + 1e-9))
     fig = _new_figure(6.4, 4.8)
     ax = fig.add_subplot()
     for name, report in named.items():
         det, op = report.det, report.at_threshold
-        label = (f"ACER {_pct(op.acer)} (APCER {_pct(op.apcer)}, BPCER {_pct(op.bpcer)}); "
-                 f"{det.attacks} attacks, {det.bona_fide} bona fide")
+        label = (f"ACER {_pct(op.acer)} (APCER {_pct(op.apcer)}, BPCER {_pct(op.bpcer)}), "
+                 f"{det.attacks} A / {det.bona_fide} BF")
+        if np.any((det.apcer == 0.0) & (det.bpcer == 0.0)):
+            label += ", separable"
         label = f"{name}: {label}" if name else label
         (line,) = ax.plot(_probit(det.apcer, lo), _probit(det.bpcer, lo), lw=1.5,
                           label=label)
@@ -326,6 +329,8 @@ def plot_det(
     ax.set_ylabel("BPCER (bona fide rejected; probit)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper right", fontsize="x-small")
+    ax.legend(loc="upper right", fontsize="x-small",
+              title="A: attacks, BF: bona fide; separable: a threshold\nmakes no error "
+                    "(its 0 % point is off the axes)", title_fontsize="x-small")
     fig.tight_layout()
     return _save_figure(fig, path, title)

@@ -89,6 +89,7 @@ try:
     from psycopg import errors as pg_errors
     from psycopg import sql
     from psycopg.conninfo import conninfo_to_dict
+    from psycopg.pq import TransactionStatus
 except ImportError as _err:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "PostgresGallery needs psycopg 3: pip install 'facemetric[postgres]' "
@@ -412,8 +413,17 @@ class PostgresGallery(GalleryStore):
         pid = os.getpid()
         if slot is not None:
             if slot.pid == pid and not slot.conn.closed:
-                return slot.conn
-            if slot.pid != pid:
+                if slot.conn.info.transaction_status == TransactionStatus.IDLE:
+                    return slot.conn
+                # Left inside a transaction (an interrupt during ROLLBACK): end it, so the
+                # next BEGIN never continues a stale transaction; replace it if that fails.
+                try:
+                    slot.conn.execute("ROLLBACK")
+                    return slot.conn
+                except psycopg.Error:
+                    self._drop_connection(slot.conn)
+                    slot = None
+            elif slot.pid != pid:
                 # A child process after fork: the parent's connection is kept, untouched,
                 # for the child's lifetime (closing it would end the parent's session).
                 self._inherited.append(slot)
@@ -1291,6 +1301,8 @@ class PostgresGallery(GalleryStore):
         deadline = time.monotonic() + float(timeout)
         while True:
             listener = self._listener()  # listening before the version is read
+            for _ in listener.notifies(timeout=0):  # drop what came before this read
+                pass
             current = self.version(collection)
             if current != version:
                 return current

@@ -114,12 +114,12 @@ class PadDetector(ABC):
     kind: ClassVar[str] = ""
     weights_file: ClassVar[str] = ""
 
-    def __init__(self, threshold: float, input: PadInput | None = None,  # noqa: A002
+    def __init__(self, threshold: float, pad_input: PadInput | None = None,
                  info: dict[str, Any] | None = None) -> None:
         if not np.isfinite(threshold):
             raise ValueError(f"a PAD threshold must be finite, got {threshold}")
         self.threshold = float(threshold)
-        self.input = input or PadInput()
+        self.input = pad_input or PadInput()
         self.info: dict[str, Any] = dict(info or {})
 
     @abstractmethod

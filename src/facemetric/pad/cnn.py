@@ -126,9 +126,9 @@ class CnnDetector(PadDetector):
     weights_file = "cnn.pt"
 
     def __init__(self, network: PadCNN, config: CnnConfig, threshold: float,
-                 input: PadInput | None = None,  # noqa: A002
+                 pad_input: PadInput | None = None,
                  info: dict[str, Any] | None = None) -> None:
-        super().__init__(threshold, input, info)
+        super().__init__(threshold, pad_input, info)
         self.network = network.eval()
         self.config = config
         self._prepare = _eval_ops(config)
@@ -235,7 +235,7 @@ def train_cnn(
             loss.backward()
             opt.step()
             sched.step()
-            total_loss += float(loss) * idx.shape[0]
+            total_loss += loss.item() * idx.shape[0]
         losses.append(total_loss / train_idx.shape[0])
         if log is not None:
             log(f"epoch {epoch + 1}/{config.epochs}: loss {losses[-1]:.4f}")

@@ -7,6 +7,10 @@ value ``g_c`` and ``P`` neighbours ``g_p`` sampled on a circle of radius ``R`` (
 
     LBP_{P,R} = Σ_p s(g_p − g_c) · 2^p,     s(v) = 1 if v ≥ 0 else 0.
 
+The interpolated difference is computed as ``g_p − g_c = Σ_k w_k (g_k − g_c)`` over the
+(up to four) pixels ``k`` around the sample point, with bilinear weights ``w_k`` (they sum
+to 1): a flat patch then gives exactly 0 (bit 1) whatever rounding the weights carry.
+
 A pattern is *uniform* (``u2``) when its circular bit string has at most two 0/1
 transitions; there are ``P(P−1) + 2`` of them (58 for ``P = 8``, 242 for ``P = 16``). The
 ``u2`` histogram has one bin per uniform pattern (in increasing code order) plus one for
@@ -75,12 +79,12 @@ def lbp_codes(gray: np.ndarray, points: int = 8, radius: float = 1.0) -> np.ndar
     for p, (dy, dx) in enumerate(neighbour_offsets(points, radius)):
         y0, x0 = math.floor(dy), math.floor(dx)
         fy, fx = dy - y0, dx - x0
-        value = np.zeros_like(centre)
+        diff = np.zeros_like(centre)
         for oy, ox, weight in ((y0, x0, (1 - fy) * (1 - fx)), (y0, x0 + 1, (1 - fy) * fx),
                                (y0 + 1, x0, fy * (1 - fx)), (y0 + 1, x0 + 1, fy * fx)):
             if weight != 0.0:
-                value = value + weight * g[m + oy:h - m + oy, m + ox:w - m + ox]
-        codes |= (value >= centre).astype(np.int64) << p
+                diff = diff + weight * (g[m + oy:h - m + oy, m + ox:w - m + ox] - centre)
+        codes |= (diff >= 0.0).astype(np.int64) << p
     return codes
 
 
@@ -223,9 +227,9 @@ class LbpDetector(PadDetector):
     weights_file = "lbp.npz"
 
     def __init__(self, model: LogisticModel, config: LbpConfig, threshold: float,
-                 input: PadInput | None = None,  # noqa: A002
+                 pad_input: PadInput | None = None,
                  info: dict[str, Any] | None = None) -> None:
-        super().__init__(threshold, input, info)
+        super().__init__(threshold, pad_input, info)
         self.model = model
         self.config = config
         want = len(config.regions) * config.descriptor.dim

@@ -45,8 +45,10 @@ from typing import Any
 import numpy as np
 
 from facemetric.inference.calibration import Threshold, ThresholdTable
+from facemetric.inference.contract import ModelContract
 from facemetric.inference.encoder import Encoder
 from facemetric.recognizer.faces import FacePipeline, ImageFaces, ImageInput, Problem
+from facemetric.recognizer.liveness import LivenessCheck
 from facemetric.recognizer.results import (
     UNKNOWN,
     Candidate,
@@ -83,8 +85,9 @@ class Recognizer:
     Args:
         model: an :class:`Encoder`, or a source for :func:`facemetric.inference.load_model`
             (training run, checkpoint, ``.onnx`` file, ``"dlib"``).
-        gallery: a :class:`~facemetric.gallery.GalleryStore`, or a path to an SQLite gallery
-            file (created if missing); ``None`` for verify/embed only.
+        gallery: a :class:`~facemetric.gallery.GalleryStore`, a PostgreSQL URL
+            (``postgresql://…``), or a path to an SQLite gallery file (created if missing);
+            ``None`` for verify/embed only.
         collection: the collection used (created, pinned to this model's contract, when
             missing; a collection built with another model is refused).
         thresholds: overrides the model's own threshold table.
@@ -97,6 +100,13 @@ class Recognizer:
             stored templates is rejected as a duplicate.
         min_face_size, max_pixels, detector: see
             :class:`~facemetric.recognizer.faces.FacePipeline`.
+        liveness: an optional presentation-attack detector (a
+            :class:`~facemetric.pad.PadDetector` or its saved folder): every face of
+            ``verify``/``enroll``/``identify`` is scored, and an image with an attack is
+            refused with ``Problem.PRESENTATION_ATTACK`` (their ``liveness`` argument:
+            ``None`` = check when a detector is set, ``False`` = skip, ``True`` = require).
+        liveness_threshold: overrides the detector's own threshold (attack when
+            ``score >= liveness_threshold``); see :mod:`facemetric.recognizer.liveness`.
     """
 
     def __init__(
@@ -114,6 +124,8 @@ class Recognizer:
         min_face_size: int = 32,
         max_pixels: int | None = None,
         detector: Any = None,
+        liveness: Any = None,
+        liveness_threshold: float | None = None,
         _reembedding: bool = False,
     ) -> None:
         from facemetric.inference.load import load_model
@@ -131,6 +143,10 @@ class Recognizer:
         if max_pixels is not None:
             kwargs["max_pixels"] = max_pixels
         self.pipeline = FacePipeline(self.encoder, **kwargs)
+        if liveness is None and liveness_threshold is not None:
+            raise ValueError("liveness_threshold needs a liveness detector: Recognizer(..., "
+                             "liveness=facemetric.pad.load_detector(FOLDER))")
+        self.liveness = None if liveness is None else LivenessCheck(liveness, liveness_threshold)
         self.collection = collection
         if index_backend not in ("exact", "hnsw", "ivf"):
             raise ValueError(f"index_backend must be 'exact', 'hnsw' or 'ivf', got "
@@ -162,7 +178,8 @@ class Recognizer:
     # ---------------------------------------------------------------- basics
 
     @property
-    def contract(self) -> Any:
+    def contract(self) -> ModelContract:
+        """The model's contract (the gallery collection is pinned to it)."""
         return self.encoder.contract
 
     def threshold(self, far: float | None = None) -> Threshold:
@@ -183,8 +200,18 @@ class Recognizer:
         """Detect, align and embed: one :class:`ImageFaces` per image (faces or problem)."""
         return self.pipeline.process(list(images), policy)
 
+    def _live(self, found: list[ImageFaces], liveness: bool | None) -> list[ImageFaces]:
+        """The liveness check on ``found`` when asked (``None``: when a detector is set)."""
+        if liveness is False or (liveness is None and self.liveness is None):
+            return found
+        if self.liveness is None:
+            raise ValueError("liveness=True but this recognizer has no PAD detector: "
+                             "Recognizer(..., liveness=facemetric.pad.load_detector(FOLDER))")
+        return self.liveness.apply(found)
+
     def verify(
-        self, a: ImageInput, b: ImageInput, far: float | None = None, policy: str = "largest"
+        self, a: ImageInput, b: ImageInput, far: float | None = None, policy: str = "largest",
+        liveness: bool | None = None,
     ) -> Verification:
         """1:1 (module docstring); ``policy`` must keep one face (``largest``, ``centre`` or
         ``single``)."""
@@ -192,12 +219,12 @@ class Recognizer:
             raise ValueError("verify compares one face per image: use 'largest', 'centre' or "
                              "'single'")
         threshold = self.threshold(far)
-        fa, fb = self.pipeline.process([a, b], policy)
+        fa, fb = self._live(self.pipeline.process([a, b], policy), liveness)
         if not (fa.ok and fb.ok):
-            return Verification(None, threshold, None, fa, _reindex(fb, 1))
+            return Verification(None, threshold, None, fa, fb)
         score = float(np.dot(fa.faces[0].embedding.astype(np.float64),
                              fb.faces[0].embedding.astype(np.float64)))
-        return Verification(score, threshold, threshold.accepts(score), fa, _reindex(fb, 1))
+        return Verification(score, threshold, threshold.accepts(score), fa, fb)
 
     # ---------------------------------------------------------------- gallery
 
@@ -288,6 +315,7 @@ class Recognizer:
         images: Sequence[ImageInput],
         policy: str = "single",
         metadata: dict[str, Any] | None = None,
+        liveness: bool | None = None,
     ) -> Enrollment:
         """Enroll ``images`` of ``person`` (module docstring); one outcome per image."""
         store = self._require_store()
@@ -298,7 +326,7 @@ class Recognizer:
                              "'largest' or 'centre'")
         from facemetric.gallery import NewFace, NotFoundError
 
-        found = self.pipeline.process(list(images), policy)
+        found = self._live(self.pipeline.process(list(images), policy), liveness)
         try:
             stored = [f.template for f in store.faces(self.collection, person)]
         except NotFoundError:
@@ -310,14 +338,16 @@ class Recognizer:
         for im in found:
             if not im.ok:
                 assert im.problem is not None
-                outcomes[im.index] = EnrollOutcome(im.index, False, problem=im.problem,
-                                                   detail=im.detail)
+                outcomes[im.index] = EnrollOutcome(
+                    im.index, False, problem=im.problem, detail=im.detail,
+                    liveness=im.faces[0].liveness if im.faces else None)
                 continue
             face = im.faces[0]
             dup = self._duplicate(im, face.embedding, kept_templates, seen_sha)
             if dup:
                 outcomes[im.index] = EnrollOutcome(im.index, False, problem=Problem.DUPLICATE,
-                                                   detail=dup, box=face.box)
+                                                   detail=dup, box=face.box,
+                                                   liveness=face.liveness)
                 continue
             seen_sha[im.source_sha256] = im.index
             kept_templates.append(face.embedding)
@@ -335,7 +365,8 @@ class Recognizer:
                                   contract=self.contract, metadata=metadata)
             for (i, _), face_id in zip(new, ids, strict=True):
                 box = found[i].faces[0].box
-                outcomes[i] = EnrollOutcome(i, True, face_id=int(face_id), box=box)
+                outcomes[i] = EnrollOutcome(i, True, face_id=int(face_id), box=box,
+                                            liveness=found[i].faces[0].liveness)
             self._sync()
         return Enrollment(person, tuple(outcomes[i] for i in range(len(found))))
 
@@ -373,9 +404,10 @@ class Recognizer:
         k: int = 5,
         far: float | None = None,
         policy: str = "largest",
+        liveness: bool | None = None,
     ) -> Identification:
         """1:N for one image (module docstring); ``policy="all"`` answers for every face."""
-        return self.identify_many([image], k=k, far=far, policy=policy)[0]
+        return self.identify_many([image], k=k, far=far, policy=policy, liveness=liveness)[0]
 
     def identify_many(
         self,
@@ -383,12 +415,13 @@ class Recognizer:
         k: int = 5,
         far: float | None = None,
         policy: str = "largest",
+        liveness: bool | None = None,
     ) -> list[Identification]:
         """:meth:`identify` for several images, searched in one batch."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         threshold = self.threshold(far)
-        found = self.pipeline.process(list(images), policy)
+        found = self._live(self.pipeline.process(list(images), policy), liveness)
         return self.identify_embeddings(found, k, threshold)
 
     def identify_embeddings(
@@ -398,7 +431,7 @@ class Recognizer:
         the face pipeline)."""
         self._require_store()
         self._sync()
-        faces = [(i, f) for i, im in enumerate(found) for f in im.faces]
+        faces = [(i, f) for i, im in enumerate(found) if im.ok for f in im.faces]
         if faces and len(self._index):
             queries = np.stack([f.embedding for _, f in faces]).astype(np.float32)
             hits = self._index.search_owners(queries, k, mode=self.person_score)
@@ -448,16 +481,14 @@ class Recognizer:
         self.close()
 
 
-def _reindex(image: ImageFaces, index: int) -> ImageFaces:
-    if image.index == index:
-        return image
-    return ImageFaces(index, image.faces, image.problem, image.detail, image.source_sha256,
-                      image.faces_detected, image.size)
-
-
 def _open_store(gallery: Any) -> Any:
+    """A store given as an object, a PostgreSQL URL (``postgresql://…``) or an SQLite path."""
     if gallery is None:
         return None
+    if isinstance(gallery, str) and gallery.startswith(("postgresql://", "postgres://")):
+        from facemetric.gallery import PostgresGallery
+
+        return PostgresGallery(gallery)
     if isinstance(gallery, str | os.PathLike):
         from facemetric.gallery import SQLiteGallery
 

@@ -62,6 +62,8 @@ class Problem(enum.StrEnum):
     """The face's box is smaller than ``min_face_size``."""
     DUPLICATE = "duplicate"
     """The same photo, or a near-identical template, is already enrolled."""
+    PRESENTATION_ATTACK = "presentation_attack"
+    """The liveness check (a :mod:`facemetric.pad` detector) judged a face an attack."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,6 +76,8 @@ class FoundFace:
         landmarks: ``(n, 2)`` points in image pixels; ``scheme`` their layout.
         embedding: ``(D,)`` float32 unit vector.
         crop: context crop (uint8 RGB) and ``crop_landmarks`` in its coordinates.
+        liveness: the attack score of the recognizer's liveness check (``None``: not
+            checked); see :mod:`facemetric.recognizer.liveness`.
     """
 
     box: tuple[int, int, int, int]
@@ -83,6 +87,7 @@ class FoundFace:
     embedding: np.ndarray
     crop: np.ndarray
     crop_landmarks: np.ndarray
+    liveness: float | None = None
 
     @property
     def size(self) -> int:

@@ -26,6 +26,8 @@ def _image_dict(image: ImageFaces) -> dict[str, Any]:
         "problem": None if image.problem is None else str(image.problem),
         "detail": image.detail,
         "faces_detected": image.faces_detected,
+        "liveness": [f.liveness for f in image.faces] if any(
+            f.liveness is not None for f in image.faces) else None,
     }
 
 
@@ -94,6 +96,7 @@ class IdentifiedFace:
     def to_dict(self) -> dict[str, Any]:
         return {
             "box": self.face.box_dict(),
+            "liveness": self.face.liveness,
             "best": self.best,
             "known": self.best != UNKNOWN,
             "candidates": [
@@ -132,6 +135,8 @@ class EnrollOutcome:
     problem: Problem | None = None
     detail: str = ""
     box: tuple[int, int, int, int] | None = None
+    liveness: float | None = None
+    """The face's attack score when the recognizer checked liveness."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -142,6 +147,7 @@ class EnrollOutcome:
             "detail": self.detail,
             "box": None if self.box is None else dict(zip(
                 ("left", "top", "right", "bottom"), self.box, strict=True)),
+            "liveness": self.liveness,
         }
 
 

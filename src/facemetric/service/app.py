@@ -490,8 +490,11 @@ def create_app(settings: ServiceSettings, *, engine: ServiceEngine | None = None
             raise ApiError(403, "wrong_collection",
                            f"this key is bound to collection {key.collection!r}: it can only "
                            f"create keys bound to it (set \"collection\": {key.collection!r})")
-        record, secret = await run_in_threadpool(eng.keys.create, body.scope, body.collection,
-                                                 body.name)
+        try:
+            record, secret = await run_in_threadpool(eng.keys.create, body.scope,
+                                                     body.collection, body.name)
+        except ValueError as err:
+            raise ApiError(422, "invalid_input", str(err)) from None
         return {**record.to_dict(), "key": secret}
 
     @router.get("/keys", response_model=S.KeyPage, tags=["keys"])

@@ -3,12 +3,14 @@ that can micro-batch, and per-request timings of both.
 
 - :class:`LockedDetector`: dlib does not promise safe concurrent calls on one model, so one
   thread detects at a time (parallelism comes from worker processes).
-- :class:`ServiceEncoder`: wraps the loaded :class:`~facemetric.inference.Encoder`. Without
-  micro-batching every call goes straight through (exactly the Python API's computation).
-  With it, calls from concurrent requests are merged: a request arriving while a forward
-  pass runs queues; when the pass ends, one of the queued requests runs *all* queued faces
-  (up to ``max_faces``) in one pass and hands each request its rows. Nothing waits when the
-  model is idle (unless ``wait_s`` > 0 asks the first request to wait for company).
+- :class:`ServiceEncoder`: wraps the loaded :class:`~facemetric.inference.Encoder` and runs
+  one forward pass at a time (dlib's network is not safe to call from two threads, and a
+  CPU forward pass already uses every core). Without micro-batching each call runs alone,
+  exactly the Python API's computation, the others waiting their turn. With it, calls from
+  concurrent requests are merged: a request arriving while a forward pass runs queues; when
+  the pass ends, one of the queued requests runs *all* queued faces (up to ``max_faces``)
+  in one pass and hands each request its rows. Nothing waits when the model is idle
+  (unless ``wait_s`` > 0 asks the first request to wait for company).
 - :func:`timed` / :func:`request_timings`: per-thread accumulators, so a request can report
   how long it spent detecting, embedding and queueing (the ``Server-Timing`` header).
 """
@@ -135,6 +137,7 @@ class ServiceEncoder(Encoder):
         self._cond = threading.Condition()
         self._queue: list[_Job] = []
         self._busy = False
+        self._alone = threading.Lock()
 
     def _forward(self, faces: np.ndarray) -> np.ndarray:
         return self.inner._forward(faces)
@@ -143,9 +146,13 @@ class ServiceEncoder(Encoder):
         self, faces: np.ndarray | Sequence[np.ndarray], batch_size: int = 64
     ) -> np.ndarray:
         """``inner.embed_faces`` — directly, or merged with concurrent calls."""
+        if not self.micro_batch:
+            start = time.perf_counter()
+            with self._alone:
+                add_time("queue", time.perf_counter() - start)
+                with timed("embed"):
+                    return self.inner.embed_faces(faces, batch_size)
         with timed("embed"):
-            if not self.micro_batch:
-                return self.inner.embed_faces(faces, batch_size)
             batch = as_face_batch(faces)
             if len(batch) == 0:
                 return self.inner.embed_faces(batch, batch_size)

@@ -10,8 +10,7 @@ import os
 import sys
 from typing import Any
 
-from facemetric.recognition_cli import MODEL_HELP
-from facemetric.recognizer.faces import DEFAULT_MAX_PIXELS
+MODEL_HELP = "a training run folder, checkpoint_*.pt, an exported .onnx file, or 'dlib'"
 
 GALLERY_HELP = "an SQLite gallery file (created if missing) or a postgresql:// URL"
 KEYS_HELP = "the API key file (default: beside an SQLite gallery, people.db → people.keys.db)"
@@ -27,13 +26,15 @@ def _settings(args: argparse.Namespace) -> Any:
         thresholds=args.thresholds,
         person_score=args.score,
         min_face_size=args.min_face,
-        max_pixels=args.max_pixels,
+        **({} if args.max_pixels is None else {"max_pixels": args.max_pixels}),
         max_request_bytes=int(args.max_request_mb * 1024 * 1024),
         max_images=args.max_images,
         max_inflight=args.max_inflight,
         micro_batch=args.micro_batch,
         batch_max_faces=args.batch_max_faces,
         batch_wait_ms=args.batch_wait_ms,
+        liveness=args.liveness,
+        liveness_threshold=args.liveness_threshold,
     )
 
 
@@ -136,8 +137,9 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--score", choices=("max", "mean"), default="max",
                     help="person score: best template or mean template")
     sv.add_argument("--min-face", type=int, default=32, help="smallest face box side, px")
-    sv.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                    help="largest image (width × height), checked before decoding")
+    sv.add_argument("--max-pixels", type=int, default=None,
+                    help="largest image (width × height), checked before decoding "
+                         "(default 40 megapixels)")
     sv.add_argument("--max-request-mb", type=float, default=20.0,
                     help="largest request body, MiB")
     sv.add_argument("--max-images", type=int, default=10, help="most images per request")
@@ -149,6 +151,9 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--batch-max-faces", type=int, default=64)
     sv.add_argument("--batch-wait-ms", type=float, default=0.0,
                     help="how long a batch waits for more requests (0: no added latency)")
+    sv.add_argument("--liveness", help="a presentation-attack detector folder (facemetric pad "
+                    "train --out): requests may ask for a liveness check")
+    sv.add_argument("--liveness-threshold", type=float, help="overrides the detector's own")
     sv.set_defaults(func=_cmd_serve)
 
     ks = sub.add_parser("keys", help="create, list or revoke API keys of the service")

@@ -67,7 +67,7 @@ class Server:
     """A ``facemetric serve`` process on loopback (stdout and stderr in ``log``)."""
 
     model: Path
-    gallery: Path
+    gallery: Path | str
     log: Path
     args: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None

@@ -215,3 +215,51 @@ def test_health_reports_the_model_and_the_gallery(client, service_model):
     assert health["model"]["fingerprint"] == contract.fingerprint()
     assert health["calibrated_fars"] == [0.001, 0.01]
     assert health["gallery"]["backend"] == "sqlite" and health["gallery"]["collections"] >= 0
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "text/html" in docs.headers["content-type"]
+    spec = client.get("/openapi.json").json()
+    body = spec["paths"]["/v1/verify"]["post"]["requestBody"]["content"]
+    assert set(body) == {"application/json", "multipart/form-data"}
+    assert {"HTTPBearer", "APIKeyHeader"} <= set(spec["components"]["securitySchemes"])
+    assert "/v1/cluster" not in spec["paths"]  # a later issue
+
+
+def test_concurrent_searches_and_changes_of_one_collection(server, admin, collection, photos):
+    """Searches from several threads while persons are enrolled and removed: every answer
+    is a 200 naming the right person (the index is never seen half-updated)."""
+    import threading
+
+    import httpx
+
+    names = list(photos)
+    base = f"{server.url}/v1/collections/{collection}"
+    with httpx.Client(timeout=60) as c:
+        for name in names[:2]:
+            assert c.post(f"{base}/persons/{name}/faces", headers=admin,
+                          files={"images": photos[name][0]},
+                          data={"policy": "largest"}).status_code == 201
+    answers: list[tuple[int, str | None]] = []
+    lock = threading.Lock()
+
+    def search(name: str) -> None:
+        with httpx.Client(timeout=60) as c:
+            for _ in range(8):
+                r = c.post(f"{base}/identify", files={"image": photos[name][0]}, headers=admin)
+                best = r.json()["faces"][0]["best"] if r.status_code == 200 else None
+                with lock:
+                    answers.append((r.status_code, best if best == name else f"{best}≠{name}"))
+
+    threads = [threading.Thread(target=search, args=(names[i % 2],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    with httpx.Client(timeout=60) as c:
+        for _ in range(4):  # churn: another person comes and goes
+            r = c.post(f"{base}/persons/{names[2]}/faces", headers=admin,
+                       files=[("images", b) for b in photos[names[2]][:2]],
+                       data={"policy": "largest"})
+            assert r.status_code == 201, r.text
+            assert c.delete(f"{base}/persons/{names[2]}", headers=admin).status_code == 200
+    for t in threads:
+        t.join(timeout=120)
+    assert len(answers) == 32
+    assert all(status == 200 and best in names[:2] for status, best in answers), answers

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import sqlite3
 
-import httpx
 from service_helpers import assert_envelope, unique
 
 from facemetric.cli import main
@@ -126,22 +125,6 @@ def test_keys_over_http_create_list_revoke(client, admin, keys):
     assert_envelope(client.delete("/v1/keys/000000000000", headers=admin), 404, "not_found")
 
 
-def test_health_needs_no_key_and_there_is_no_default_key(tmp_path, service_model):
-    from service_helpers import Server
-
-    srv = Server(service_model, tmp_path / "g.db", tmp_path / "log").start()
-    try:
-        with httpx.Client(base_url=srv.url, timeout=30) as c:
-            assert c.get("/v1/health").status_code == 200
-            assert_envelope(c.get("/v1/collections"), 401, "missing_key")
-            for guess in ("admin", "default", "fmk_000000000000_" + "A" * 43):
-                assert_envelope(c.get("/v1/collections", headers=_bearer(guess)), 401,
-                                "invalid_key")
-        assert "no API key exists" in srv.log_text()
-    finally:
-        srv.stop()
-
-
 def test_keys_commands_and_the_file_holds_no_secret(tmp_path, capsys):
     gallery = tmp_path / "people.db"
     assert main(["keys", "create", "--scope", "enroll", "--collection", "lfw", "--name", "k1",
@@ -170,3 +153,20 @@ def test_keys_commands_and_the_file_holds_no_secret(tmp_path, capsys):
                  "postgresql://u:pw@db/x"]) == 2
     err = capsys.readouterr().err
     assert "--keys FILE" in err and "pw" not in err
+
+
+def test_serve_refuses_bad_settings_in_one_line(tmp_path, capsys, service_model):
+    """Before any model is loaded or port bound."""
+    for argv, words in [
+        (["--model", str(tmp_path / "nope.onnx"), "--gallery", str(tmp_path / "g.db")],
+         "no model"),
+        (["--model", str(service_model), "--gallery", "postgresql://u:secret@db/x"],
+         "--keys FILE"),
+        (["--model", str(service_model), "--gallery", str(tmp_path / "g.db"), "--workers",
+          "0"], "--workers"),
+        (["--model", str(service_model), "--gallery", str(tmp_path / "g.db"),
+          "--max-images", "0"], "max_images"),
+    ]:
+        assert main(["serve", *argv]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err and "secret" not in err, err

@@ -1,7 +1,8 @@
 """A server killed with SIGKILL in the middle of enrollments: clients see errors only for
 the requests in flight, the store stays consistent (every person all or nothing), and the
 restarted server serves everything that was acknowledged — and the in-flight requests
-are either wholly in or wholly absent."""
+are either wholly in or wholly absent. (Its fresh server also shows that there is no
+default key.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from service_helpers import Server
+from service_helpers import Server, assert_envelope
 
 from facemetric.gallery import SQLiteGallery
 from facemetric.recognizer import Recognizer
@@ -24,7 +25,17 @@ CLIENTS = 3
 
 def test_kill_9_during_enrollments(service_model, tmp_path, lfw_people):
     gallery = tmp_path / "g.db"
-    srv = Server(service_model, gallery, tmp_path / "server.log").start()
+    # one worker, micro-batching on (the concurrent enrollments share forward passes)
+    srv = Server(service_model, gallery, tmp_path / "server.log",
+                 args=["--micro-batch"]).start()
+    # a fresh service has no key at all: everything but health is refused
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        assert c.get("/v1/health").status_code == 200
+        assert_envelope(c.get("/v1/collections"), 401, "missing_key")
+        for guess in ("admin", "default", "fmk_000000000000_" + "A" * 43):
+            assert_envelope(c.get("/v1/collections", headers={
+                "Authorization": f"Bearer {guess}"}), 401, "invalid_key")
+    assert "no API key exists" in srv.log_text()
     key = KeyStore(tmp_path / "g.keys.db").create("admin")[1]
     headers = {"X-API-Key": key}
     with httpx.Client(base_url=srv.url, timeout=30) as c:
@@ -96,9 +107,17 @@ def test_kill_9_during_enrollments(service_model, tmp_path, lfw_people):
     assert set(stored) <= set(done) | set(failed)  # nothing that was never sent
     local.close()
 
-    # the restarted server serves everything in the store
+    # the restarted server — now two worker processes sharing the gallery — serves
+    # everything in the store, whichever worker answers
+    srv.args = ["--workers", "2"]
     srv.start()
     try:
+        pids = set()
+        for _ in range(60):  # a new connection each time: the kernel picks the worker
+            pids.add(httpx.get(f"{srv.url}/v1/health", timeout=30).json()["worker"])
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2, pids
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             col = c.get("/v1/collections/crash", headers=headers).json()
             assert col["face_count"] == sum(stored.values())
@@ -112,11 +131,17 @@ def test_kill_9_during_enrollments(service_model, tmp_path, lfw_people):
                 r = c.post("/v1/collections/crash/identify", files={"image": photo},
                            headers=headers).json()
                 assert r["faces"][0]["best"] == name
-            # the failed requests can simply be sent again
+            # the failed requests can simply be sent again, and every worker then finds them
             for name in failed:
                 r = c.post(f"/v1/collections/crash/persons/{name}/faces", headers=headers,
                            files=[("images", p.read_bytes()) for p in lfw_people[name][:3]],
                            data={"policy": "largest"})
                 assert r.status_code == (422 if stored.get(name) else 201), r.text
+        for name in failed:
+            photo = lfw_people[name][0].read_bytes()
+            answers = {httpx.post(f"{srv.url}/v1/collections/crash/identify", timeout=30,
+                                  files={"image": photo}, headers={**headers, "Connection":
+                                  "close"}).json()["faces"][0]["best"] for _ in range(6)}
+            assert answers == {name}
     finally:
         srv.stop()

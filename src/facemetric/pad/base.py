@@ -163,9 +163,8 @@ class PadDetector(ABC):
         return folder
 
     def describe(self) -> str:
-        return (f"{self.kind} PAD detector, threshold {self.threshold:.4g} "
-                f"({self.info.get('threshold_rule', 'rule unknown')}), input: context crop "
-                f"margin {self.input.margin}, ≤ {self.input.max_side} px")
+        return (f"{self.kind} PAD detector, threshold {self.threshold:.4g}, input: context "
+                f"crop margin {self.input.margin}, ≤ {self.input.max_side} px")
 
 
 def _json(value: Any) -> Any:

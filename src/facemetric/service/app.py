@@ -1,33 +1,35 @@
 """The HTTP API: ``create_app(settings)`` builds the FastAPI app of one worker.
 
-Endpoints (prefix ``/v1``; OpenAPI at ``/openapi.json``, interactive docs at ``/docs``):
+Endpoints (prefix ``/v1``; OpenAPI at ``/openapi.json``, interactive docs at ``/docs``),
+with the key scope each needs and the Python API it calls::
 
-==========  ==============================================  ======  =====================
-method      path                                            scope   Python API
-==========  ==============================================  ======  =====================
-GET         /health                                         —       contract, store size
-POST        /verify                                         read    ``Recognizer.verify``
-POST        /embed                                          read    ``Recognizer.embed``
-POST        /collections                                    admin   ``create_collection``
-GET         /collections                                    read    ``list_collections``
-GET/DELETE  /collections/{c}                                read/admin
-POST        /collections/{c}/identify                       read    ``Recognizer.identify``
-POST/GET    /collections/{c}/persons                        enroll/read
-GET/DELETE  /collections/{c}/persons/{p}                    read/enroll ``remove``
-POST        /collections/{c}/persons/{p}/faces              enroll  ``Recognizer.enroll``
-GET         /collections/{c}/persons/{p}/faces              read    ``faces``
-GET/DELETE  /collections/{c}/persons/{p}/faces/{id}         read/enroll ``remove_faces``
-POST/GET    /keys, DELETE /keys/{id}                        admin   :class:`KeyStore`
-==========  ==============================================  ======  =====================
+    GET     /health                                       -       contract, gallery size
+    POST    /verify                                       read    Recognizer.verify
+    POST    /embed                                        read    Recognizer.embed
+    POST    /collections                                  admin   store.create_collection
+    GET     /collections                                  read    store.list_collections
+    GET     /collections/{c}                              read    store.get_collection
+    DELETE  /collections/{c}                              admin   store.delete_collection
+    POST    /collections/{c}/identify                     read    Recognizer.identify
+    POST    /collections/{c}/persons                      enroll  store.add_person
+    GET     /collections/{c}/persons                      read    store.list_persons
+    GET     /collections/{c}/persons/{p}                  read    store.get_person
+    DELETE  /collections/{c}/persons/{p}                  enroll  Recognizer.remove
+    POST    /collections/{c}/persons/{p}/faces            enroll  Recognizer.enroll
+    GET     /collections/{c}/persons/{p}/faces            read    store.faces
+    GET     /collections/{c}/persons/{p}/faces/{id}       read    store.faces
+    DELETE  /collections/{c}/persons/{p}/faces/{id}       enroll  store.remove_faces
+    POST    /keys, GET /keys, DELETE /keys/{id}           admin   KeyStore
 
 Status codes: 200 (201 for a creation), 4xx with the error envelope
 (:mod:`facemetric.service.errors`) for everything a client can fix, 503 when the gallery
 is busy or the model uncalibrated, 500 ``internal_error`` for a bug (logged, never
 detailed). Image outcomes follow the Python API: an image that is *readable* but has no
-usable face is a normal answer (``problem: "no_face"`` ...); a request whose images cannot
-be read at all (corrupt, truncated, empty, too many pixels) is refused with 422
-``unreadable_image`` — except enrollment, which answers per image (partial success, 201)
-and refuses with 422 ``nothing_enrolled`` only when no image was accepted.
+usable face is a normal answer (``problem: "no_face"`` ...). Unreadable images (corrupt,
+truncated, empty, too many pixels) are refused with 422 ``unreadable_image`` — verify when
+either image is, identify and embed when every image is (embed reports the others per
+image) — except by enrollment, which answers per image (partial success, 201) and refuses
+with 422 ``nothing_enrolled`` only when no image was accepted.
 
 Clustering (``POST /v1/cluster``) belongs to a later issue and is not served.
 """
@@ -37,6 +39,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
@@ -253,12 +256,14 @@ def create_app(settings: ServiceSettings, *, engine: ServiceEngine | None = None
         table = eng.encoder.thresholds
         return {
             "status": "ok",
+            "worker": os.getpid(),
             "model": eng.contract.to_dict(),
             "calibrated_fars": None if table is None else list(table.fars),
             "gallery": {"backend": eng.backend, **eng.gallery_size()},
             "limits": {"max_request_bytes": settings.max_request_bytes,
                        "max_images": settings.max_images, "max_pixels": settings.max_pixels},
             "micro_batching": {"enabled": settings.micro_batch, **eng.encoder.stats.to_dict()},
+            "liveness": eng.liveness is not None,
         }
 
     # ------------------------------------------------------------------ 1:1 and embed
@@ -272,7 +277,7 @@ def create_app(settings: ServiceSettings, *, engine: ServiceEngine | None = None
         allow(key, Scope.READ)
         opts, files = await read_image_request(request, VERIFY, settings.max_images)
         result = await images(request, lambda: eng.verify(
-            files["a"][0], files["b"][0], opts.far, opts.policy))
+            files["a"][0], files["b"][0], opts.far, opts.policy, opts.liveness))
         out = result.to_dict()
         _refuse_unreadable([result.a, result.b], every=False, details=out)
         return out
@@ -348,7 +353,7 @@ def create_app(settings: ServiceSettings, *, engine: ServiceEngine | None = None
         allow(key, Scope.READ, collection)
         opts, files = await read_image_request(request, IDENTIFY, settings.max_images)
         result = await images(request, lambda: eng.identify(
-            collection, files["image"][0], opts.k, opts.far, opts.policy))
+            collection, files["image"][0], opts.k, opts.far, opts.policy, opts.liveness))
         out = {"collection": collection, **result.to_dict()}
         _refuse_unreadable([result.image], every=True, details=out)
         return out
@@ -415,7 +420,7 @@ def create_app(settings: ServiceSettings, *, engine: ServiceEngine | None = None
         allow(key, Scope.ENROLL, collection)
         opts, files = await read_image_request(request, ENROLL, settings.max_images)
         result = await images(request, lambda: eng.enroll(
-            collection, person, files["images"], opts.policy, opts.metadata))
+            collection, person, files["images"], opts.policy, opts.metadata, opts.liveness))
         out = {"collection": collection, **result.to_dict()}
         if result.accepted == 0:
             reasons = sorted({str(o.problem) for o in result.outcomes})

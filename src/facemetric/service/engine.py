@@ -1,22 +1,22 @@
 """What one worker process holds: the model (loaded once), the shared detector, the gallery
-store, the key store, and one :class:`~facemetric.recognizer.Recognizer` per collection in
-use — and the locks that make them safe under the web server's threads.
+store, the key store, and one recognizer per collection in use — and the locks that make
+them safe under the web server's threads.
 
 Thread safety:
 
 - detection: one at a time (:class:`~facemetric.service.batching.LockedDetector`);
-- embedding: the encoder is called concurrently (or micro-batched);
-- a collection's recognizer (its in-memory index, names and counts, updated from the
-  store's change log before every search): its ``lock`` is held while it syncs and searches
-  and for a whole enrollment, so two enrollments of one collection in this worker never both
-  pass the duplicate check with the same photo; detection and embedding of a search run
-  outside the lock;
-- the store: :class:`~facemetric.gallery.SQLiteGallery` keeps one connection per thread
-  and serialises writers across processes; every write is one transaction.
+- the network: one forward pass at a time, or micro-batched
+  (:class:`~facemetric.service.batching.ServiceEncoder`);
+- a collection's recognizer (:class:`LockedRecognizer`): its in-memory index, names and
+  counts — brought up to date from the store's change log before every search — are used
+  under its lock: for the search of an identification (after detection and embedding, which
+  run outside it), and for a whole enrollment, so two enrollments of one collection in this
+  worker never both pass the duplicate check with the same photo;
+- the store: :class:`~facemetric.gallery.SQLiteGallery` keeps one connection per thread and
+  serialises writers across processes; every write is one transaction.
 
-Every answer is the Python API's: the handlers call ``Recognizer.verify``, ``embed``,
-``enroll``, ``remove``, and ``identify`` as its two public halves (``pipeline.process``
-then ``identify_embeddings``) so that the slow half runs outside the collection lock.
+Every answer is the Python API's: the handlers call the public ``Recognizer`` methods
+(``verify``, ``embed``, ``identify``, ``enroll``, ``remove``) with the request's options.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from facemetric.gallery import GalleryStore, NotFoundError
@@ -49,10 +48,33 @@ logger = logging.getLogger("facemetric.service")
 _T = TypeVar("_T")
 
 
-@dataclass
-class _Slot:
-    recognizer: Recognizer
-    lock: threading.RLock
+class LockedRecognizer(Recognizer):
+    """A :class:`~facemetric.recognizer.Recognizer` whose gallery-facing methods hold
+    ``self.lock`` (a re-entrant lock): the search half of ``identify``
+    (``identify_embeddings``), ``enroll``, ``remove`` and ``persons``. Detection and
+    embedding of ``identify`` stay outside the lock, so searches of one collection overlap
+    their slow parts."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.lock = threading.RLock()
+        super().__init__(*args, **kwargs)
+
+    def identify_embeddings(self, found: Any, k: int, threshold: Any) -> list[Any]:
+        with self.lock, timed("search"):
+            return super().identify_embeddings(found, k, threshold)
+
+    def enroll(self, *args: Any, **kwargs: Any) -> Enrollment:
+        with self.lock:
+            return super().enroll(*args, **kwargs)
+
+    def remove(self, person: str) -> int:
+        with self.lock:
+            return super().remove(person)
+
+    @property
+    def persons(self) -> list[str]:
+        with self.lock:
+            return list(Recognizer.persons.fget(self))  # type: ignore[attr-defined]
 
 
 class ServiceEngine:
@@ -80,8 +102,13 @@ class ServiceEngine:
         self.store: GalleryStore = open_gallery(settings.gallery)
         self.backend = "postgresql" if is_postgres_url(settings.gallery) else "sqlite"
         self.keys = KeyStore(settings.keys_path)
+        self.liveness = None
+        if settings.liveness is not None:
+            from facemetric.pad import load_detector
+
+            self.liveness = load_detector(settings.liveness)
         self.plain = self._recognizer(None, "default")
-        self._slots: dict[str, _Slot] = {}
+        self._recognizers: dict[str, LockedRecognizer] = {}
         self._registry = threading.Lock()
         self._inflight = threading.BoundedSemaphore(settings.max_inflight)
         logger.info("model %s loaded in %.1f s; gallery %s (%s); keys %s",
@@ -93,65 +120,67 @@ class ServiceEngine:
     def contract(self) -> Any:
         return self.encoder.contract
 
-    def _recognizer(self, store: GalleryStore | None, collection: str) -> Recognizer:
+    def _recognizer(self, store: GalleryStore | None, collection: str) -> LockedRecognizer:
         s = self.settings
-        return Recognizer(self.encoder, store, collection=collection,
-                          person_score=s.person_score, min_face_size=s.min_face_size,
-                          max_pixels=s.max_pixels, detector=self.detector)
+        return LockedRecognizer(self.encoder, store, collection=collection,
+                                person_score=s.person_score, min_face_size=s.min_face_size,
+                                max_pixels=s.max_pixels, detector=self.detector,
+                                liveness=self.liveness,
+                                liveness_threshold=s.liveness_threshold)
 
     def close(self) -> None:
         self.store.close()
 
     # ------------------------------------------------------------------ collections
 
-    @contextmanager
-    def collection(self, name: str) -> Iterator[Recognizer]:
-        """The collection's recognizer, its lock held for the ``with`` block.
+    def recognizer(self, name: str) -> LockedRecognizer:
+        """The collection's recognizer (built on first use from the store).
 
         Raises:
-            ApiError: 404 when there is no such collection (it is never created here).
+            NotFoundError: no such collection (it is never created here: 404).
         """
-        slot = self._slot(name)
-        with slot.lock:
-            try:
-                yield slot.recognizer
-            except NotFoundError:
-                self._forget_if_gone(name, slot)
-                raise
-
-    def _slot(self, name: str) -> _Slot:
         with self._registry:
-            slot = self._slots.get(name)
-            if slot is not None:
-                return slot
-            self.store.get_collection(name)  # NotFoundError → 404, never auto-created
-            slot = _Slot(self._recognizer(self.store, name), threading.RLock())
-            self._slots[name] = slot
-            return slot
+            rec = self._recognizers.get(name)
+            if rec is None:
+                self.store.get_collection(name)
+                rec = self._recognizer(self.store, name)
+                self._recognizers[name] = rec
+            return rec
 
-    def _forget_if_gone(self, name: str, slot: _Slot) -> None:
+    @contextmanager
+    def collection(self, name: str) -> Iterator[LockedRecognizer]:
+        """The collection's recognizer for a ``with`` block; a collection found deleted
+        meanwhile (by another worker) is forgotten, and its :class:`NotFoundError` (404)
+        raised."""
+        rec = self.recognizer(name)
         try:
-            self.store.get_collection(name)
+            yield rec
         except NotFoundError:
-            with self._registry:
-                if self._slots.get(name) is slot:
-                    del self._slots[name]
+            try:
+                self.store.get_collection(name)
+            except NotFoundError:
+                self.forget(name)
+            raise
 
     def forget(self, name: str) -> None:
         """Drop a deleted collection's recognizer."""
         with self._registry:
-            self._slots.pop(name, None)
+            self._recognizers.pop(name, None)
 
     # ------------------------------------------------------------------ image work
 
     def run_images(self, work: Callable[[], _T]) -> tuple[_T, dict[str, float]]:
         """Run ``work`` (in the calling worker thread) with at most ``max_inflight`` image
-        requests at once; returns its result and the request's phase timings."""
+        requests at once; returns its result and the request's phase timings in seconds:
+        ``admit`` (waiting for a slot), ``engine`` (the recognizer call, which includes
+        ``queue`` — waiting for the detector or the network —, ``detect``, ``embed`` and
+        ``search``)."""
         reset_timings()
         start = time.perf_counter()
         with self._inflight:
-            add_time("queue", time.perf_counter() - start)
-            result = work()
+            add_time("admit", time.perf_counter() - start)
+            with timed("engine"):
+                result = work()
         return result, request_timings()
 
     def threshold(self, rec: Recognizer, far: float | None) -> Any:
@@ -163,34 +192,38 @@ class ServiceEngine:
                            "`facemetric calibrate` and restart it (embed and enroll still work)")
         try:
             return rec.threshold(far)
-        except ValueError as err:
+        except (ValueError, OverflowError) as err:
             raise ApiError(422, "far_not_calibrated", str(err),
                            {"calibrated_fars": list(rec.thresholds.fars)}) from err
 
-    def verify(self, a: bytes, b: bytes, far: float | None, policy: str) -> Verification:
+    def check_liveness(self, liveness: bool | None) -> None:
+        if liveness and self.liveness is None:
+            raise ApiError(422, "liveness_unavailable",
+                           "this service has no presentation-attack detector, so it cannot "
+                           "check liveness; the operator starts it with --liveness FOLDER")
+
+    def verify(self, a: bytes, b: bytes, far: float | None, policy: str,
+               liveness: bool | None = None) -> Verification:
         self.threshold(self.plain, far)
-        return self.plain.verify(a, b, far=far, policy=policy)
+        self.check_liveness(liveness)
+        return self.plain.verify(a, b, far=far, policy=policy, liveness=liveness)
 
     def embed(self, images: Sequence[bytes], policy: str) -> list[Any]:
         return self.plain.embed(images, policy=policy)
 
     def identify(self, collection: str, image: bytes, k: int, far: float | None,
-                 policy: str) -> Identification:
-        slot = self._slot(collection)
-        rec = slot.recognizer
-        threshold = self.threshold(rec, far)
-        found = rec.pipeline.process([image], policy)  # the slow half, outside the lock
-        with slot.lock, timed("search"):
-            try:
-                return rec.identify_embeddings(found, k, threshold)[0]
-            except NotFoundError:
-                self._forget_if_gone(collection, slot)
-                raise
+                 policy: str, liveness: bool | None = None) -> Identification:
+        with self.collection(collection) as rec:
+            self.threshold(rec, far)
+            self.check_liveness(liveness)
+            return rec.identify(image, k=k, far=far, policy=policy, liveness=liveness)
 
     def enroll(self, collection: str, person: str, images: Sequence[bytes], policy: str,
-               metadata: dict[str, Any] | None) -> Enrollment:
+               metadata: dict[str, Any] | None, liveness: bool | None = None) -> Enrollment:
+        self.check_liveness(liveness)
         with self.collection(collection) as rec:
-            return rec.enroll(person, images, policy=policy, metadata=metadata)
+            return rec.enroll(person, images, policy=policy, metadata=metadata,
+                              liveness=liveness)
 
     # ------------------------------------------------------------------ health
 
@@ -201,4 +234,4 @@ class ServiceEngine:
                 "faces": sum(c.face_count for c in collections)}
 
 
-__all__ = ["ServiceEngine"]
+__all__ = ["LockedRecognizer", "ServiceEngine"]

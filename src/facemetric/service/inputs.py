@@ -138,8 +138,8 @@ async def _read_multipart(
                                    f"part {name!r} must be a file (an image), got a text value",
                                    {"field": name})
                 count += 1
-                _check_count(count, max_images)
-                files[name].append(await value.read())
+                if count <= max_images:  # beyond: counted, not read (refused below)
+                    files[name].append(await value.read())
             elif name in option_names:
                 if not isinstance(value, str):
                     raise ApiError(422, "invalid_request", f"part {name!r} must be text, got a "
@@ -169,7 +169,9 @@ async def _read_multipart(
                     raise ApiError(422, "invalid_request",
                                    f"part {name!r} must be JSON text: {err}",
                                    {"field": name}) from None
-        return _validate(spec.options_model, options), files
+        validated = _validate(spec.options_model, options)  # schema errors first (422)
+        _check_count(count, max_images)
+        return validated, files
     finally:
         await form.close()
 

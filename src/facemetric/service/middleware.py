@@ -13,9 +13,10 @@ routing and above its error handling):
    oversized upload never sits in memory;
 4. answers any exception that escapes the app with a 500 ``internal_error`` envelope (the
    traceback goes to the log, under the request id, never to the client);
-5. adds ``Server-Timing`` (``detect``, ``embed``, ``search``, ``queue`` and ``total``
-   milliseconds) and writes one access-log line per request: method, path (never the query
-   string), status, milliseconds, request id.
+5. adds ``Server-Timing`` (milliseconds of ``admit``, ``engine``, ``queue``, ``detect``,
+   ``embed``, ``search`` — see :meth:`ServiceEngine.run_images` — and ``total``) and writes
+   one access-log line per request: method, path (never the query string), status,
+   milliseconds, request id.
 """
 
 from __future__ import annotations

@@ -24,7 +24,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-FarField = Field(default=None, gt=0.0, le=1.0,
+LivenessField = Field(
+    default=None, description="check liveness with the service's presentation-attack detector "
+                              "(null: when the service has one; an attack is refused with "
+                              "problem 'presentation_attack')")
+
+FarField = Field(default=None, ge=1e-12, lt=1.0,
                  description="false-accept rate the decision is made at (default 1e-3); "
                              "must be one the model's threshold table resolves")
 
@@ -33,6 +38,7 @@ FarField = Field(default=None, gt=0.0, le=1.0,
 
 class VerifyOptions(_Strict):
     far: float | None = FarField
+    liveness: bool | None = LivenessField
     policy: Literal["largest", "centre", "single"] = Field(
         default="largest", description="which face of each image is compared")
 
@@ -45,6 +51,7 @@ class VerifyRequest(VerifyOptions):
 class IdentifyOptions(_Strict):
     k: int = Field(default=5, ge=1, le=100, description="candidates per face")
     far: float | None = FarField
+    liveness: bool | None = LivenessField
     policy: Literal["largest", "centre", "all"] = Field(
         default="largest", description="'all' answers for every face in the image")
 
@@ -68,6 +75,7 @@ class EnrollOptions(_Strict):
     metadata: dict[str, Any] | None = Field(
         default=None, description="JSON facts stored with a person created by this request "
                                   "(multipart: JSON text)")
+    liveness: bool | None = LivenessField
 
 
 class EnrollRequest(EnrollOptions):
@@ -93,6 +101,13 @@ class KeyCreate(_Strict):
 
 
 # ----------------------------------------------------------------------------- responses
+
+
+class _Answer(BaseModel):
+    """A response mirroring a recognizer ``to_dict()``: fields the recognizer adds later
+    pass through (documented here once they are)."""
+
+    model_config = ConfigDict(extra="allow")
 
 
 class ErrorBody(BaseModel):
@@ -126,32 +141,35 @@ class FloatBox(BaseModel):
     bottom: float
 
 
-class ImageReport(BaseModel):
+class ImageReport(_Answer):
     index: int
     problem: str | None
     detail: str
     faces_detected: int
+    liveness: list[float | None] | None = Field(
+        default=None, description="attack score of each face when liveness was checked")
 
 
 class VerifyImage(ImageReport):
     box: IntBox | None
 
 
-class VerifyResponse(BaseModel):
+class VerifyResponse(_Answer):
     score: float | None
     threshold: ThresholdOut
     same: bool | None
     images: list[VerifyImage]
 
 
-class CandidateOut(BaseModel):
+class CandidateOut(_Answer):
     person: str
     score: float
     templates: int
 
 
-class IdentifiedFaceOut(BaseModel):
+class IdentifiedFaceOut(_Answer):
     box: IntBox
+    liveness: float | None = None
     best: str
     known: bool
     candidates: list[CandidateOut]
@@ -164,7 +182,7 @@ class IdentifyResponse(ImageReport):
     faces: list[IdentifiedFaceOut]
 
 
-class EmbeddedFace(BaseModel):
+class EmbeddedFace(_Answer):
     box: IntBox
     detection_score: float
     embedding: list[float]
@@ -174,22 +192,23 @@ class EmbeddedImage(ImageReport):
     faces: list[EmbeddedFace]
 
 
-class EmbedResponse(BaseModel):
+class EmbedResponse(_Answer):
     model: str = Field(description="fingerprint of the model contract")
     embedding_size: int
     images: list[EmbeddedImage]
 
 
-class EnrollOutcomeOut(BaseModel):
+class EnrollOutcomeOut(_Answer):
     index: int
     accepted: bool
     face_id: int | None
     problem: str | None
     detail: str
     box: IntBox | None
+    liveness: float | None = None
 
 
-class EnrollResponse(BaseModel):
+class EnrollResponse(_Answer):
     collection: str
     person: str
     accepted: int
@@ -274,11 +293,13 @@ class GalleryHealth(BaseModel):
 
 class HealthResponse(BaseModel):
     status: Literal["ok"]
+    worker: int = Field(description="process id of the worker that answered")
     model: dict[str, Any]
     calibrated_fars: list[float] | None
     gallery: GalleryHealth
     limits: dict[str, int]
     micro_batching: dict[str, Any]
+    liveness: bool = Field(description="a presentation-attack detector is loaded")
 
 
 def form_schema(model: type[BaseModel], files: dict[str, bool]) -> dict[str, Any]:

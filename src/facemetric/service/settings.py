@@ -43,6 +43,9 @@ class ServiceSettings:
         batch_max_faces: most faces in one micro-batched forward pass.
         batch_wait_ms: how long the first request of a batch waits for others (0: batch only
             the requests that queued while the model was busy — no added latency).
+        liveness: a presentation-attack detector folder (``facemetric pad train --out``):
+            requests may then ask for a liveness check (see ``Recognizer(liveness=...)``).
+        liveness_threshold: overrides the detector's own threshold.
     """
 
     model: str
@@ -58,6 +61,8 @@ class ServiceSettings:
     micro_batch: bool = False
     batch_max_faces: int = 64
     batch_wait_ms: float = 0.0
+    liveness: str | None = None
+    liveness_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.person_score not in ("max", "mean"):

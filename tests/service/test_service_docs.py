@@ -1,0 +1,103 @@
+"""Every curl example in docs/service.md, run against a real server: each command is parsed
+(shell quoting, ``$URL``/``$KEY``/``$FACE_ID``, ``$(base64 -w0 FILE)``, ``-X``, ``-H``,
+``-F``, ``-d``) and sent as the equivalent httpx request; each must succeed."""
+
+from __future__ import annotations
+
+import base64
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+pytestmark = [pytest.mark.data]
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "service.md"
+
+
+def curl_commands(text: str) -> list[str]:
+    """The curl commands of the ```bash blocks, continuation lines joined."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        commands += [line.strip() for line in joined.splitlines()
+                     if line.strip().startswith("curl ")]
+    return commands
+
+
+def to_request(command: str, env: dict[str, str], files: dict[str, Path]) -> dict[str, Any]:
+    """httpx keyword arguments equivalent to one curl command."""
+    command = re.sub(r"\$\(base64 -w0 ([\w.]+)\)",
+                     lambda m: base64.b64encode(files[m.group(1)].read_bytes()).decode(), command)
+    for name, value in env.items():
+        command = command.replace(f"${name}", value)
+    assert "$" not in command.replace("$(", ""), f"unknown variable in {command[:120]}"
+    args = shlex.split(command)[1:]
+    method, url, headers, form, upload, data = None, None, {}, {}, [], None
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "-s":
+            i += 1
+            continue
+        if arg in ("-X", "-H", "-F", "-d"):
+            value = args[i + 1]
+            if arg == "-X":
+                method = value
+            elif arg == "-H":
+                name, _, val = value.partition(":")
+                headers[name.strip()] = val.strip()
+            elif arg == "-F":
+                name, _, val = value.partition("=")
+                if val.startswith("@"):
+                    upload.append((name, (val[1:], files[val[1:]].read_bytes())))
+                else:
+                    form.setdefault(name, []).append(val)
+            else:
+                data = value
+            i += 2
+            continue
+        assert not arg.startswith("-"), f"unsupported curl option {arg}"
+        url = arg
+        i += 1
+    assert url is not None
+    request: dict[str, Any] = {"method": method or ("POST" if data or form or upload
+                                                    else "GET"), "url": url,
+                               "headers": headers}
+    if upload or form:
+        request["files"] = upload or None
+        request["data"] = form or None
+    elif data is not None:
+        request["content"] = data.encode()
+    return request
+
+
+def test_every_curl_example_in_the_docs_runs(server, keys, lfw_people):
+    commands = curl_commands(DOC.read_text())
+    assert len(commands) >= 20
+    names = list(lfw_people)
+    files = {"ada1.jpg": lfw_people[names[0]][0], "ada2.jpg": lfw_people[names[0]][1],
+             "ada3.jpg": lfw_people[names[0]][2], "who.jpg": lfw_people[names[0]][3],
+             "charles1.jpg": lfw_people[names[1]][0]}
+    env = {"URL": server.url, "KEY": keys.create("admin", name="docs")[1], "FACE_ID": "0"}
+    seen_paths = set()
+    with httpx.Client(timeout=60) as http:
+        for command in commands:
+            request = to_request(command, env, files)
+            r = http.request(**request)
+            assert r.is_success, (command[:200], r.status_code, r.text[:1000])
+            seen_paths.add((request["method"], re.sub(r"/\d+$", "/{id}", request["url"].split(
+                "?")[0].replace(server.url, ""))))
+            body = r.json()
+            for image in body.get("images", []) if isinstance(body, dict) else []:
+                if image.get("face_id") and env["FACE_ID"] == "0":
+                    env["FACE_ID"] = str(image["face_id"])
+    # every kind of endpoint is shown
+    shown = {method for method, _ in seen_paths}
+    assert shown == {"GET", "POST", "DELETE"}
+    assert {p for _, p in seen_paths} >= {
+        "/v1/health", "/v1/verify", "/v1/embed", "/v1/collections", "/v1/keys",
+        "/v1/collections/people/identify", "/v1/collections/people/persons"}

@@ -19,6 +19,8 @@ USERS = [
     "facemetric.recognizer",
     "facemetric.gallery",
     "facemetric.index",
+    "facemetric.service",
+    "facemetric.pad",
 ]
 
 

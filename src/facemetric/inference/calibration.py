@@ -96,7 +96,7 @@ class ThresholdTable:
             raise ValueError(
                 f"no threshold for FAR {far:g}: this model was calibrated at FARs "
                 f"{[f'{f:g}' for f in self.fars]} on {self.impostors} impostor comparisons "
-                f"({self.source}); resolving {far:g} needs at least {math.ceil(1 / far)} — "
+                f"({self.source}); resolving {far:g} needs at least {1 / far:,.0f} — "
                 "recalibrate with more (facemetric calibrate MODEL --folder ...)"
             )
         best = max(usable, key=lambda e: e.far)
@@ -185,7 +185,7 @@ def threshold_at_far(impostor_scores: np.ndarray, far: float, min_false_accepts:
     if k < min_false_accepts:
         raise ValueError(
             f"FAR {far:g} cannot be resolved from {n} impostor comparisons: it needs at least "
-            f"{math.ceil(min_false_accepts / far)} (min_false_accepts={min_false_accepts})"
+            f"{min_false_accepts / far:,.0f} (min_false_accepts={min_false_accepts})"
         )
     # the (k+1)-th highest score: partition instead of a full sort
     kth = np.partition(s, n - k - 1)[n - k - 1]

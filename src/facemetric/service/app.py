@@ -50,7 +50,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from starlette.concurrency import run_in_threadpool
 
 from facemetric import __version__
-from facemetric.gallery import NotFoundError
+from facemetric.gallery import GalleryStore, NotFoundError
 from facemetric.recognizer import Problem
 from facemetric.recognizer.faces import ImageFaces
 from facemetric.service import schemas as S
@@ -165,14 +165,16 @@ def _refuse_unreadable(images: list[ImageFaces], every: bool, details: Any) -> N
                        f"common format, whole and within the pixel limit", details)
 
 
-def create_app(settings: ServiceSettings, *, engine: ServiceEngine | None = None) -> FastAPI:
-    """The service for one worker process: loads the model (unless an ``engine`` is given),
-    opens the gallery and the key file, and wires the endpoints (module docstring).
+def create_app(settings: ServiceSettings, *, store: GalleryStore | None = None,
+               engine: ServiceEngine | None = None) -> FastAPI:
+    """The service for one worker process: loads the model, opens the gallery (or serves
+    ``store``, any :class:`~facemetric.gallery.GalleryStore`) and the key file, and wires the
+    endpoints (module docstring). ``engine`` replaces all of that with a built one.
 
     Raises:
         FileNotFoundError, ValueError: the model, gallery or key file cannot be used.
     """
-    eng = engine if engine is not None else ServiceEngine(settings)
+    eng = engine if engine is not None else ServiceEngine(settings, store)
     if eng.keys.active_count() == 0:
         logger.warning("no API key exists: every request but /v1/health will be refused "
                        "(401). Create one with `facemetric keys create --scope admin "

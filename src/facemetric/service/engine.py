@@ -60,8 +60,11 @@ class LockedRecognizer(Recognizer):
         super().__init__(*args, **kwargs)
 
     def identify_embeddings(self, found: Any, k: int, threshold: Any) -> list[Any]:
-        with self.lock, timed("search"):
-            return super().identify_embeddings(found, k, threshold)
+        start = time.perf_counter()
+        with self.lock:
+            add_time("queue", time.perf_counter() - start)
+            with timed("search"):
+                return super().identify_embeddings(found, k, threshold)
 
     def enroll(self, *args: Any, **kwargs: Any) -> Enrollment:
         with self.lock:
@@ -80,12 +83,17 @@ class LockedRecognizer(Recognizer):
 class ServiceEngine:
     """The worker's state (module docstring). Build it once per process.
 
+    Args:
+        settings: what to load and the limits.
+        store: any :class:`~facemetric.gallery.GalleryStore` to serve instead of opening
+            ``settings.gallery`` (the engine closes it on :meth:`close`).
+
     Raises:
         FileNotFoundError, ValueError: the model or gallery cannot be opened (the message
             says why).
     """
 
-    def __init__(self, settings: ServiceSettings) -> None:
+    def __init__(self, settings: ServiceSettings, store: GalleryStore | None = None) -> None:
         from facemetric.align.detect import FaceDetector
         from facemetric.inference import ThresholdTable, load_model
 
@@ -99,8 +107,11 @@ class ServiceEngine:
                                       max_faces=settings.batch_max_faces,
                                       wait_s=settings.batch_wait_ms / 1000.0)
         self.detector = LockedDetector(FaceDetector(upsample=1))
-        self.store: GalleryStore = open_gallery(settings.gallery)
-        self.backend = "postgresql" if is_postgres_url(settings.gallery) else "sqlite"
+        self.store: GalleryStore = open_gallery(settings.gallery) if store is None else store
+        if store is not None:
+            self.backend = type(store).__name__
+        else:
+            self.backend = "postgresql" if is_postgres_url(settings.gallery) else "sqlite"
         self.keys = KeyStore(settings.keys_path)
         self.liveness = None
         if settings.liveness is not None:

@@ -383,6 +383,10 @@ class SQLiteGallery(GalleryStore):
             tables = [
                 r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
             ]
+            if app_id == 0 and tables:
+                # Another opener may have committed its initialisation between the two reads
+                # (tables and application_id commit together): look at the header again.
+                app_id = conn.execute("PRAGMA application_id").fetchone()[0]
         except sqlite3.DatabaseError as err:
             raise self._not_a_gallery(err) from err
         if app_id not in (0, APPLICATION_ID) or (app_id == 0 and tables):

@@ -4,7 +4,7 @@ Input: the context crop (the face box grown by half a box on every side, so the 
 one box of context: twice the box), resized to ``input_size`` (112) RGB, normalised as
 ``(x/255 − 0.5)/0.5``. Network: ``len(widths)`` blocks of 3×3 convolution, batch norm,
 ReLU and 2×2 max pooling, global average pooling, dropout, and one linear unit: the attack
-logit; ``score = σ(logit)``. About 100k parameters at the default widths (16, 32, 64, 64),
+logit; ``score = σ(logit)``. 61k parameters at the default widths (16, 32, 64, 64),
 ≈ 40 M multiply-adds per face.
 
 Training (CPU, minutes): class-balanced binary cross-entropy, AdamW, cosine learning rate,

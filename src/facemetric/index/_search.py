@@ -68,6 +68,8 @@ def as_int64(values: Sequence[int] | Tensor | np.ndarray | int, name: str,
     Raises:
         ValueError: not integers, not 1-D, or not ``n`` of them.
     """
+    if isinstance(values, np.ndarray) and not values.flags.writeable:
+        values = np.array(values)  # torch refuses to alias read-only memory
     t = torch.as_tensor(values)
     if t.dim() == 0:
         t = t.reshape(1)

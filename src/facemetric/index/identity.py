@@ -39,8 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 
 from facemetric.index._search import (
     as_labels,
@@ -49,6 +48,7 @@ from facemetric.index._search import (
     tensor_rows,
 )
 from facemetric.index.knn import knn_table
+from facemetric.inference.dataset import embed_dataset
 from facemetric.validation import check_embeddings
 
 logger = logging.getLogger(__name__)
@@ -219,38 +219,25 @@ class EmbeddingIndex:
         a tensor is used as it is. In identity mode only the per-identity sums are kept
         (labels must then be ``>= 0``), so memory is ``O(C·D)`` whatever the dataset size.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if device is None:
-            first = next(model.parameters(), None)
-            device = first.device if first is not None else torch.device("cpu")
         started = time.perf_counter()
-        loader = DataLoader(
-            _Prepared(dataset, transform), batch_size=batch_size, shuffle=False,
-            num_workers=num_workers, generator=torch.Generator(),
-        )
         sums = torch.zeros(0, 0)
         counts = torch.zeros(0, dtype=torch.int64)
         chunks: list[Tensor] = []
         all_labels: list[Tensor] = []
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), tqdm(total=len(loader), unit="batch", desc="index",
-                                       disable=not progress, leave=False) as bar:
-                for images, labels in loader:
-                    out = model(images.to(device, non_blocking=True))
-                    emb = F.normalize(out.detach().float().cpu(), dim=1)
-                    check_embeddings(emb)
-                    lab = as_labels(labels)
-                    if self.per_image:
-                        chunks.append(emb)
-                        all_labels.append(lab)
-                    else:
-                        sums, counts = _accumulate(sums, counts, emb, lab)
-                    bar.update(1)
-        finally:
-            model.train(was_training)
+
+        def consume(out: Tensor, labels: Tensor) -> None:
+            nonlocal sums, counts
+            emb = F.normalize(out.cpu(), dim=1)
+            lab = as_labels(labels)
+            if self.per_image:
+                chunks.append(emb)
+                all_labels.append(lab)
+            else:
+                sums, counts = _accumulate(sums, counts, emb, lab)
+
+        embed_dataset(model, dataset, consume, batch_size=batch_size, device=device,
+                      transform=transform, num_workers=num_workers, progress=progress,
+                      desc="index")
         embed_s = time.perf_counter() - started
         if self.per_image:
             if not chunks:
@@ -474,24 +461,6 @@ def _best_distinct(
     take = rank < k
     out[group[take], rank[take]] = ident[take]
     return out, counts.clamp_max(k)
-
-
-class _Prepared(Dataset):
-    """``base[i]`` with an array image passed through ``transform(image, rng_i)``."""
-
-    def __init__(self, base: Dataset, transform: Callable[..., Tensor] | None) -> None:
-        self.base, self.transform = base, transform
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image, label = self.base[index]
-        if isinstance(image, np.ndarray):
-            if self.transform is None:
-                raise ValueError("the dataset yields arrays: pass a transform (eval_transform)")
-            image = self.transform(image, np.random.default_rng(index))
-        return image, int(label)
 
 
 __all__ = ["APPROXIMATE", "BACKENDS", "EmbeddingIndex"]

@@ -40,9 +40,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from facemetric.data.samplers import epoch_generator
+from facemetric.inference.dataset import Transform, embed_dataset
 from facemetric.losses.pair.hierarchical_triplet import (
     AnchorNeighborSampler,
     ClassTree,
@@ -50,30 +51,8 @@ from facemetric.losses.pair.hierarchical_triplet import (
 )
 from facemetric.losses.pair.magnet import MagnetBatchSampler, MagnetClusterIndex, MagnetLoss
 from facemetric.training.config import TrainConfig, structured_loss
-from facemetric.validation import check_embeddings
 
 logger = logging.getLogger(__name__)
-
-Transform = Callable[[np.ndarray, np.random.Generator], Tensor]
-
-
-class _Prepared(Dataset):
-    """``base[i]`` with an array image passed through ``transform(image, rng_i)``."""
-
-    def __init__(self, base: Dataset, transform: Transform | None) -> None:
-        self.base, self.transform = base, transform
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image, label = self.base[index]
-        if isinstance(image, np.ndarray):
-            if self.transform is None:
-                raise ValueError("the dataset yields arrays: pass a transform (eval_transform)")
-            image = self.transform(image, np.random.default_rng(index))
-        return image, int(label)
-
 
 class IndexTargets(Dataset):
     """``base[i]`` with the dataset index ``i`` in place of the label: ``(image, i)``."""
@@ -211,24 +190,9 @@ class DatasetStructure(Sampler[list[int]]):
         """Feed ``consume(embeddings, labels)`` every batch of the dataset in order (float32,
         the model in eval mode under ``no_grad``, its mode restored); the seconds taken."""
         started = time.perf_counter()
-        device = self.device
-        if device is None:
-            first = next(model.parameters(), None)
-            device = first.device if first is not None else torch.device("cpu")
-        loader = DataLoader(
-            _Prepared(self.dataset, self.transform), batch_size=self.batch_size, shuffle=False,
-            num_workers=self.num_workers, generator=torch.Generator(),
-        )
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for images, labels in loader:
-                    out = model(images.to(device, non_blocking=True)).detach().float()
-                    check_embeddings(out)
-                    consume(out, labels.to(torch.int64))
-        finally:
-            model.train(was_training)
+        embed_dataset(model, self.dataset, lambda out, labels: consume(out, labels.to(torch.int64)),
+                      batch_size=self.batch_size, device=self.device, transform=self.transform,
+                      num_workers=self.num_workers)
         return time.perf_counter() - started
 
     # ---- subclass hooks

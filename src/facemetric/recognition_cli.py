@@ -99,7 +99,15 @@ def _recognizer(args: argparse.Namespace, gallery: bool = True) -> Any:
         thresholds=thresholds,
         person_score=getattr(args, "score", "max"),
         min_face_size=args.min_face,
+        liveness=args.liveness,
+        liveness_threshold=args.liveness_threshold,
     )
+
+
+def _liveness_note(faces: Any) -> str:
+    """`` liveness 0.12`` for the faces that were checked (attack probability), else ``""``."""
+    scores = [f.liveness for f in faces if f.liveness is not None]
+    return f"; liveness {', '.join(f'{s:.3f}' for s in scores)}" if scores else ""
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -117,7 +125,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         verdict = "SAME person" if result.same else "DIFFERENT people"
         print(f"{verdict}: score {result.score:.4f} vs threshold {t.value:.4f} "
               f"(FAR {t.far:g}, calibrated on {t.impostors} impostor comparisons)")
-        print(f"  faces: {args.a} {result.box_a}; {args.b} {result.box_b}")
+        print(f"  faces: {args.a} {result.box_a}{_liveness_note(result.a.faces)}; "
+              f"{args.b} {result.box_b}{_liveness_note(result.b.faces)}")
     return 0 if result.same is not None else 1
 
 
@@ -186,7 +195,8 @@ def _cmd_identify(args: argparse.Namespace) -> int:
             top = ", ".join(f"{c.person} {c.score:.3f}" for c in face.candidates)
             answer = "UNKNOWN" if face.best == "unknown" else face.best
             print(f"{path} {face.face.box}: {answer}"
-                  f"  (threshold {t.value:.3f} at FAR {t.far:g}; top: {top or 'empty gallery'})")
+                  f"  (threshold {t.value:.3f} at FAR {t.far:g}; top: {top or 'empty gallery'}"
+                  f"{_liveness_note([face.face])})")
     return 0
 
 
@@ -243,6 +253,12 @@ def _common(p: argparse.ArgumentParser, gallery: bool) -> None:
         p.add_argument("--collection", default="default", help="gallery collection")
     p.add_argument("--thresholds", help="a threshold table JSON (default: the model's own)")
     p.add_argument("--min-face", type=int, default=32, help="smallest face box side, px")
+    p.add_argument("--liveness", metavar="FOLDER",
+                   help="a PAD detector saved by `facemetric pad train`: every face is "
+                        "checked and an image judged a presentation attack is refused")
+    p.add_argument("--liveness-threshold", type=float, default=None,
+                   help="attack when the detector's score is at least this (default: the "
+                        "threshold the detector was calibrated with)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 

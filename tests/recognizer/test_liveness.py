@@ -159,3 +159,52 @@ def test_without_a_detector_nothing_changes_and_misuse_is_explained(detector, ph
                                                 detector.threshold, PadInput(margin=0.3)))
     with pytest.raises(ValueError, match="score\\(crops\\)"):
         Recognizer(enc, liveness=object())
+
+
+def test_cli_verify_enroll_identify_take_a_liveness_detector(detector, photos, tmp_path,
+                                                              capsys):
+    """The same check through ``facemetric verify/enroll/identify --liveness FOLDER`` with
+    dlib's descriptor: the print is refused with its own reason and the detector's score."""
+    import json
+
+    from facemetric.cli import main
+    from facemetric.inference import load_model
+
+    folder = detector.save(tmp_path / "pad")
+    dlib = load_model("dlib")
+    table = tmp_path / "dlib_thresholds.json"
+    ThresholdTable(dlib.contract.fingerprint(), (CalibrationEntry(1e-3, 0.9, 0, 1000),),
+                   "test", 1000, 0).save(table)
+    (live, sl), (live2, _) = photos["live"][0], photos["live"][1]
+    spoof, ss = photos["spoof"][0]
+    common = ["--model", "dlib", "--thresholds", str(table), "--liveness", str(folder)]
+
+    assert main(["verify", str(live), str(spoof), *common, "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["same"] is None
+    refused = out["images"][1]
+    assert refused["problem"] == Problem.PRESENTATION_ATTACK
+    assert refused["liveness"] == [pytest.approx(ss, abs=1e-9)]
+    assert out["images"][0]["liveness"] == [pytest.approx(sl, abs=1e-9)]
+
+    assert main(["verify", str(live), str(live2), *common]) == 0
+    text = capsys.readouterr().out
+    assert "SAME person" in text and f"liveness {sl:.3f}" in text
+
+    gallery = tmp_path / "g.db"
+    assert main(["enroll", str(gallery), "subject-0001", str(live), str(spoof), *common]) == 1
+    text = capsys.readouterr().out
+    assert f"rejected {spoof}: {Problem.PRESENTATION_ATTACK}" in text
+    assert "enrolled 1 face(s) of 1 person(s); 1 rejected" in text
+
+    assert main(["identify", str(gallery), str(live2), str(spoof), *common, "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got[0]["faces"][0]["best"] == "subject-0001"
+    assert got[1]["problem"] == Problem.PRESENTATION_ATTACK and got[1]["faces"] == []
+
+    # a threshold above the print's score lets it through, still scored
+    assert main(["verify", str(live), str(spoof), *common, "--json",
+                 "--liveness-threshold", str(ss + 1e-6)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["same"] is not None and out["images"][1]["liveness"] == [
+        pytest.approx(ss, abs=1e-9)]

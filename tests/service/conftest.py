@@ -1,10 +1,14 @@
-"""Fixtures of the service tests: the test model, the shared server, keys, LFW photos
-(helpers in :mod:`service_helpers`)."""
+"""Fixtures of the service tests: the test model, the shared server, keys, LFW photos, a
+throwaway PostgreSQL cluster (helpers in :mod:`service_helpers`)."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -67,3 +71,37 @@ def lfw_people(lfw_root: Path) -> dict[str, list[Path]]:
         if len(out) == 16:
             break
     return out
+
+
+def _pg_cluster_module() -> Any:
+    """tests/gallery/pg_cluster.py (the gallery tests' throwaway cluster), loaded by path."""
+    path = Path(__file__).resolve().parents[1] / "gallery" / "pg_cluster.py"
+    spec = importlib.util.spec_from_file_location("service_pg_cluster", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Any]:
+    """A throwaway PostgreSQL cluster (unix socket only), started on first use; skipped
+    without PostgreSQL unless ``FACEMETRIC_REQUIRE_DATA=1``."""
+    pg = _pg_cluster_module()
+    try:
+        cluster = pg.start_cluster()
+    except pg.ClusterUnavailableError as err:
+        if os.environ.get("FACEMETRIC_REQUIRE_DATA") == "1":
+            pytest.fail(f"PostgreSQL is required but unavailable: {err}")
+        pytest.skip(f"PostgreSQL unavailable: {err}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster) -> str:
+    """A ``postgresql://`` URL of a fresh database on the cluster."""
+    dsn = pg_cluster.create_database("svc")
+    dbname = dict(part.split("=", 1) for part in dsn.split())["dbname"]
+    return (f"postgresql://postgres@/{dbname}?host={quote(str(pg_cluster.root), safe='')}"
+            f"&port={pg_cluster.port}")

@@ -15,12 +15,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 import torch
 
 from facemetric.inference import ModelContract, ThresholdTable, TorchEncoder
@@ -134,6 +137,28 @@ class Server:
         raise RuntimeError("no VmHWM in /proc status")
 
 
+def start_servers(servers: list[Server]) -> list[Server]:
+    """Start several servers at once (each loads its model while the others do)."""
+    errors: list[BaseException] = []
+
+    def start(srv: Server) -> None:
+        try:
+            srv.start()
+        except BaseException as err:  # re-raised below, after every start has ended
+            errors.append(err)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in servers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        for srv in servers:
+            srv.stop()
+        raise errors[0]
+    return servers
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
@@ -151,5 +176,21 @@ def assert_envelope(r: httpx.Response, status: int, code: str | None = None) -> 
     return body
 
 
-__all__ = ["HOST", "THRESHOLDS", "PixelProjection", "Server", "assert_envelope", "free_port",
-           "make_model", "unique"]
+def assert_same(got: Any, want: Any, where: str = "") -> None:
+    """Equal JSON values; floats within 1e-5 (the server may batch faces differently)."""
+    if isinstance(want, float) or isinstance(got, float):
+        assert got == pytest.approx(want, abs=1e-5), where
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), (where, got, want)
+        for key in want:
+            assert_same(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list | tuple):
+        assert isinstance(got, list) and len(got) == len(want), (where, got, want)
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_same(g, w, f"{where}[{i}]")
+    else:
+        assert got == want, (where, got, want)
+
+
+__all__ = ["HOST", "THRESHOLDS", "PixelProjection", "Server", "assert_envelope", "assert_same",
+           "free_port", "make_model", "start_servers", "unique"]

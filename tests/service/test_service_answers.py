@@ -11,25 +11,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from service_helpers import assert_envelope, unique
+from service_helpers import assert_envelope, assert_same, unique
 
 from facemetric.recognizer import Recognizer
-
-
-def assert_same(got: Any, want: Any, where: str = "") -> None:
-    """Equal JSON values; floats within 1e-5 (the server may batch faces differently)."""
-    if isinstance(want, float) or isinstance(got, float):
-        assert got == pytest.approx(want, abs=1e-5), where
-    elif isinstance(want, dict):
-        assert isinstance(got, dict) and set(got) == set(want), (where, got, want)
-        for key in want:
-            assert_same(got[key], want[key], f"{where}.{key}")
-    elif isinstance(want, list | tuple):
-        assert isinstance(got, list) and len(got) == len(want), (where, got, want)
-        for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            assert_same(g, w, f"{where}[{i}]")
-    else:
-        assert got == want, (where, got, want)
 
 
 def _without_ids(enrollment: dict[str, Any]) -> dict[str, Any]:

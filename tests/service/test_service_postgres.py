@@ -5,13 +5,6 @@ store (tests/gallery)."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
-from urllib.parse import quote
-
 import httpx
 import pytest
 from service_helpers import Server, assert_envelope
@@ -19,34 +12,6 @@ from service_helpers import Server, assert_envelope
 from facemetric.service.keys import KeyStore
 
 pytestmark = [pytest.mark.data, pytest.mark.slow]
-
-
-def _pg_cluster_module() -> Any:
-    path = Path(__file__).resolve().parents[1] / "gallery" / "pg_cluster.py"
-    spec = importlib.util.spec_from_file_location("service_pg_cluster", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    """A URL of a fresh database on a cluster of this module's own (unix socket only)."""
-    pg = _pg_cluster_module()
-    try:
-        cluster = pg.start_cluster()
-    except pg.ClusterUnavailableError as err:
-        if os.environ.get("FACEMETRIC_REQUIRE_DATA") == "1":
-            pytest.fail(f"PostgreSQL is required but unavailable: {err}")
-        pytest.skip(f"PostgreSQL unavailable: {err}")
-    try:
-        dsn = cluster.create_database("svc")
-        dbname = dict(part.split("=", 1) for part in dsn.split())["dbname"]
-        yield (f"postgresql://postgres@/{dbname}?host={quote(str(cluster.root), safe='')}"
-               f"&port={cluster.port}")
-    finally:
-        cluster.stop()
 
 
 def test_the_service_on_a_postgresql_gallery(pg_url, service_model, tmp_path, lfw_people):

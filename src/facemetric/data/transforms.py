@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from facemetric.data.degradations import downscale_and_back, jpeg
+
 #: ITU-R BT.601 luma weights (R, G, B), as used for "grayscale" in most image libraries.
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -278,6 +280,93 @@ class RandomGrayscale:
         return f"RandomGrayscale(p={self.p})"
 
 
+class RandomDownscale:
+    """With probability ``p``, lose resolution: shrink by a factor ``f`` drawn log-uniformly
+    from ``scale = (min, max)`` (area average) and resize back (bilinear), as
+    :func:`~facemetric.data.degradations.downscale_and_back` does.
+
+    On a 112 px aligned ArcFace crop the face is about 75 px wide, so ``f = 0.2`` leaves the
+    detail of a 15 px face: what a small face in a surveillance frame has (the robustness
+    report's ``downscale`` degradation). Face-safe: the geometry is unchanged.
+    """
+
+    def __init__(self, p: float = 0.2, scale: Sequence[float] = (0.2, 1.0)) -> None:
+        self.p = _check_prob(p, "p")
+        lo, hi = (float(s) for s in scale)
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"downscale scale must satisfy 0 < min <= max <= 1, got "
+                             f"{tuple(scale)}")
+        self.scale = (lo, hi)
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        _check_image(image, "RandomDownscale")
+        if rng.random() >= self.p:
+            return image
+        factor = math.exp(rng.uniform(math.log(self.scale[0]), math.log(self.scale[1])))
+        return downscale_and_back(image, factor)
+
+    def __repr__(self) -> str:
+        return f"RandomDownscale(p={self.p}, scale={self.scale})"
+
+
+class RandomJpeg:
+    """With probability ``p``, JPEG-compress (PIL) at a quality drawn uniformly from the
+    integers in ``quality = (min, max)`` and decode again."""
+
+    def __init__(self, p: float = 0.2, quality: Sequence[int] = (10, 60)) -> None:
+        self.p = _check_prob(p, "p")
+        lo, hi = (int(q) for q in quality)
+        if not 1 <= lo <= hi <= 95:
+            raise ValueError(f"JPEG quality must satisfy 1 <= min <= max <= 95, got "
+                             f"{tuple(quality)}")
+        self.quality = (lo, hi)
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        _check_image(image, "RandomJpeg")
+        if rng.random() >= self.p:
+            return image
+        return jpeg(image, int(rng.integers(self.quality[0], self.quality[1] + 1)))
+
+    def __repr__(self) -> str:
+        return f"RandomJpeg(p={self.p}, quality={self.quality})"
+
+
+class RandomOcclusion:
+    """With probability ``p``, paint one rectangle of uniform random grey (random erasing,
+    Zhong et al., "Random Erasing Data Augmentation", AAAI 2020).
+
+    Its area is a fraction drawn uniformly from ``area = (min, max)`` of the image, its aspect
+    ``w/h = exp(u)``, ``u`` uniform in ``[log ½, log 2]``, clipped to the image, placed
+    uniformly. Stands in for sunglasses, masks, hands and hair.
+    """
+
+    def __init__(self, p: float = 0.2, area: Sequence[float] = (0.05, 0.25)) -> None:
+        self.p = _check_prob(p, "p")
+        lo, hi = (float(a) for a in area)
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"occlusion area must satisfy 0 < min <= max <= 1, got "
+                             f"{tuple(area)}")
+        self.area = (lo, hi)
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        _check_image(image, "RandomOcclusion")
+        if rng.random() >= self.p:
+            return image
+        height, width = image.shape[:2]
+        area = rng.uniform(*self.area) * height * width
+        aspect = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
+        w = min(width, max(1, round(math.sqrt(area * aspect))))
+        h = min(height, max(1, round(math.sqrt(area / aspect))))
+        top = int(rng.integers(0, height - h + 1))
+        left = int(rng.integers(0, width - w + 1))
+        out = image.copy()
+        out[top : top + h, left : left + w] = int(rng.integers(0, 256))
+        return out
+
+    def __repr__(self) -> str:
+        return f"RandomOcclusion(p={self.p}, area={self.area})"
+
+
 class ToTensor:
     """``(H, W, 3)`` uint8 → float32 ``(3, H, W)`` tensor ``(x/255 − mean)/std``.
 
@@ -312,11 +401,25 @@ def train_transform(
     saturation: float = 0.0,
     blur_prob: float = 0.0,
     grayscale_prob: float = 0.0,
+    blur_sigma: Sequence[float] = (0.1, 1.5),
+    occlusion_prob: float = 0.0,
+    occlusion_area: Sequence[float] = (0.05, 0.25),
+    downscale_prob: float = 0.0,
+    downscale_scale: Sequence[float] = (0.2, 1.0),
+    jpeg_prob: float = 0.0,
+    jpeg_quality: Sequence[int] = (10, 60),
 ) -> Compose:
-    """The usual face-training pipeline: crop/pad → resize → flip → jitter → blur → gray →
-    tensor. Ops whose strength or probability is 0 are left out; the result is always
-    ``size``."""
+    """The usual face-training pipeline: [occlude → downscale → JPEG, at the source
+    resolution, in the order a scene, a sensor and an encoder act] → crop/pad → resize →
+    flip → jitter → blur → gray → tensor. Ops whose strength or probability is 0 are left
+    out; the result is always ``size``."""
     ops: list[Transform] = []
+    if occlusion_prob > 0:
+        ops.append(RandomOcclusion(occlusion_prob, occlusion_area))
+    if downscale_prob > 0:
+        ops.append(RandomDownscale(downscale_prob, downscale_scale))
+    if jpeg_prob > 0:
+        ops.append(RandomJpeg(jpeg_prob, jpeg_quality))
     if padding > 0 or tuple(crop_scale) != (1.0, 1.0) or tuple(crop_ratio) != (1.0, 1.0):
         ops.append(RandomResizedCrop(size, crop_scale, crop_ratio, padding))
     else:
@@ -326,7 +429,7 @@ def train_transform(
     if brightness or contrast or saturation:
         ops.append(ColorJitter(brightness, contrast, saturation))
     if blur_prob > 0:
-        ops.append(GaussianBlur(blur_prob))
+        ops.append(GaussianBlur(blur_prob, blur_sigma))
     if grayscale_prob > 0:
         ops.append(RandomGrayscale(grayscale_prob))
     ops.append(ToTensor())
@@ -357,7 +460,10 @@ __all__ = [
     "Compose",
     "GaussianBlur",
     "HorizontalFlip",
+    "RandomDownscale",
     "RandomGrayscale",
+    "RandomJpeg",
+    "RandomOcclusion",
     "RandomResizedCrop",
     "Resize",
     "ToTensor",

@@ -61,6 +61,13 @@ class AugmentConfig:
     saturation: float = 0.0
     blur_prob: float = 0.0
     grayscale_prob: float = 0.0
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 1.5])
+    occlusion_prob: float = 0.0
+    occlusion_area: list[float] = field(default_factory=lambda: [0.05, 0.25])
+    downscale_prob: float = 0.0
+    downscale_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    jpeg_prob: float = 0.0
+    jpeg_quality: list[int] = field(default_factory=lambda: [10, 60])
 
 
 @dataclass
@@ -452,15 +459,24 @@ def check_config(config: TrainConfig, source: str = "config") -> None:
     _need(d.image_size >= 8, f"{s}: [data] image_size must be >= 8, got {d.image_size}")
     _need(d.min_images >= 1, f"{s}: [data] min_images must be >= 1, got {d.min_images}")
     _need(d.num_workers >= 0, f"{s}: [data] num_workers must be >= 0, got {d.num_workers}")
-    for key in ("crop_scale", "crop_ratio"):
+    for key in ("crop_scale", "crop_ratio", "blur_sigma", "occlusion_area", "downscale_scale",
+                "jpeg_quality"):
         pair = getattr(a, key)
         _need(
             len(pair) == 2 and 0 < pair[0] <= pair[1],
             f"{s}: [augment] {key} must be [min, max] with 0 < min <= max, got {pair}",
         )
-    _need(a.crop_scale[1] <= 1.0, f"{s}: [augment] crop_scale max must be <= 1")
+    for key in ("crop_scale", "occlusion_area", "downscale_scale"):
+        _need(getattr(a, key)[1] <= 1.0, f"{s}: [augment] {key} max must be <= 1")
+    _need(
+        all(float(q) == int(q) for q in a.jpeg_quality) and a.jpeg_quality[0] >= 1
+        and a.jpeg_quality[1] <= 95,
+        f"{s}: [augment] jpeg_quality must be integers [min, max] in [1, 95], got "
+        f"{a.jpeg_quality}",
+    )
     _need(a.padding >= 0, f"{s}: [augment] padding must be >= 0")
-    for key in ("brightness", "contrast", "saturation", "blur_prob", "grayscale_prob"):
+    for key in ("brightness", "contrast", "saturation", "blur_prob", "grayscale_prob",
+                "occlusion_prob", "downscale_prob", "jpeg_prob"):
         value = getattr(a, key)
         _need(0.0 <= value <= 1.0, f"{s}: [augment] {key} must be in [0, 1], got {value}")
     _need(m.embedding_size >= 1, f"{s}: [model] embedding_size must be >= 1")

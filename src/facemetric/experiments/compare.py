@@ -665,7 +665,7 @@ def compare(
 
     first = loaded[0]
     dataset = build_dataset(first)
-    if first.data.verify:
+    if first.data.verify and hasattr(dataset, "verify"):
         failures = dataset.verify(workers=max(1, first.data.num_workers))
         if failures:
             logger.warning("dropped %d unreadable training image(s), e.g. %s", len(failures),

@@ -255,9 +255,18 @@ def keep_array(image: np.ndarray) -> np.ndarray:
     return image
 
 
-def build_dataset(config: TrainConfig) -> IdentityFolder:
-    """``IdentityFolder`` over ``[data] root`` yielding raw uint8 arrays (augmented later)."""
+def build_dataset(config: TrainConfig) -> Dataset:
+    """``[data] root`` yielding raw uint8 arrays (augmented later): an ``IdentityFolder``
+    over a folder tree, or a :class:`~facemetric.data.recordio.RecordDataset` over an
+    insightface ``.rec`` file (whose labels are used as they are)."""
     d = config.data
+    if Path(d.root).suffix == ".rec":
+        if d.people_file is not None or d.folds is not None or d.min_images > 1:
+            raise ValueError(f"[data] root {d.root} is a RecordIO file: people_file, folds and "
+                             "min_images select identities of a folder tree and do not apply")
+        from facemetric.data.recordio import RecordDataset
+
+        return RecordDataset(d.root)
     return IdentityFolder(
         d.root, people_file=d.people_file, folds=d.folds, min_images=d.min_images,
         transform=keep_array,

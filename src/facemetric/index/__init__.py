@@ -7,10 +7,36 @@
   through faiss HNSW/IVF, float32/float16/int8 storage.
 - :func:`knn_table`: k-nearest-neighbour tables of up to millions of vectors, exact or an
   IVF join with ``nprobe`` chosen by measured recall.
+- :mod:`facemetric.index.rerank`: retrieval post-processing of a shortlist — average and
+  α-weighted query expansion, database-side augmentation, k-reciprocal re-ranking.
 """
 
 from facemetric.index.identity import EmbeddingIndex
 from facemetric.index.knn import KnnTable, knn_table
+from facemetric.index.rerank import (
+    AlphaQueryExpansion,
+    AverageQueryExpansion,
+    DatabaseAugmentation,
+    KReciprocalReranking,
+    MatrixDatabase,
+    PostProcessing,
+    Shortlist,
+    TemplateDatabase,
+)
 from facemetric.index.templates import Hits, TemplateIndex
 
-__all__ = ["EmbeddingIndex", "Hits", "KnnTable", "TemplateIndex", "knn_table"]
+__all__ = [
+    "AlphaQueryExpansion",
+    "AverageQueryExpansion",
+    "DatabaseAugmentation",
+    "EmbeddingIndex",
+    "Hits",
+    "KReciprocalReranking",
+    "KnnTable",
+    "MatrixDatabase",
+    "PostProcessing",
+    "Shortlist",
+    "TemplateDatabase",
+    "TemplateIndex",
+    "knn_table",
+]

@@ -222,6 +222,20 @@ class TemplateIndex:
         """Owner id of each template ``(len,)``, in the order of :attr:`ids`."""
         return self._slot_owner[self._slot[: self._n]]
 
+    def vectors(self, ids: Any) -> Tensor:
+        """The stored unit templates ``(m, D)`` float32 of template ``ids (m,)`` (decoded
+        from the storage dtype).
+
+        Raises:
+            ValueError: an id that is not indexed.
+        """
+        wanted = as_int64(ids, "ids").tolist()
+        rows = torch.tensor(list(map(self._row_of.get, wanted, repeat(-1))), dtype=torch.int64)
+        if bool((rows < 0).any()):
+            lost = [w for w, r in zip(wanted, rows.tolist(), strict=True) if r < 0]
+            raise ValueError(f"template ids not in the index: {lost[:10]} ({len(lost)} in all)")
+        return self._decode_rows(rows)
+
     @property
     def bytes_per_template(self) -> int:
         """Bytes of one stored template vector (``+ 4`` for the int8 scale). On top come

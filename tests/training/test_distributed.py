@@ -426,3 +426,55 @@ def test_torchrun_launches_facemetric_train(tmp_path: Path) -> None:
     rows = (out / "log.csv").read_text().strip().splitlines()
     assert len(rows) == 3  # header + one row per step, written once (rank 0)
     assert "trained 2 steps" in proc.stdout
+
+
+def test_the_glint360k_config_runs_under_torchrun_from_a_record_file(tmp_path: Path) -> None:
+    """The shipped large-scale config as it stands — IResNet-100, CosFace through Partial FC
+    sharded over the processes, bf16 autocast, SGD with sparse centre updates, an insightface
+    ``.rec`` input — for 2 steps on 2 CPU processes (gloo), with only its data path, output
+    folder, batch size and length replaced."""
+    import io
+    import re
+
+    from PIL import Image
+
+    from facemetric.data.recordio import write_record_file
+
+    rng = np.random.default_rng(0)
+    items = []
+    for label in range(6):
+        base = rng.integers(0, 256, (4, 4, 3))
+        for _ in range(2):
+            img = np.kron(base, np.ones((28, 28, 1))) + rng.normal(0, 10, (112, 112, 3))
+            buf = io.BytesIO()
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(buf, format="JPEG")
+            items.append((buf.getvalue(), label))
+    rec, _ = write_record_file(items, tmp_path / "train.rec")
+    shipped = (Path(__file__).resolve().parents[2] / "configs"
+               / "glint360k_iresnet100_pfc.toml").read_text()
+    text = shipped
+    for pattern, value in ((r'root = "[^"]+"', f'root = "{rec}"'),
+                           (r'output_dir = "[^"]+"', 'output_dir = "out"'),
+                           (r"num_workers = \d+", "num_workers = 0"),
+                           (r"size = 128", "size = 2"),
+                           (r"epochs = 20", "max_steps = 2\ndevice = \"cpu\""),
+                           (r"checkpoint_every = \d+", "checkpoint_every = 2"),
+                           (r"log_every = \d+", "log_every = 1")):
+        text, hits = re.subn(pattern, value, text)
+        assert hits == 1, pattern
+    config = tmp_path / "run.toml"
+    config.write_text(text)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+           "-m", "facemetric", "train", "--config", str(config)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    state = load_checkpoint(checkpoint_path(tmp_path / "out", 2), map_location="cpu")
+    assert state["config"]["model"]["name"] == "iresnet100"
+    assert state["config"]["train"]["amp"] and state["config"]["train"]["amp_dtype"] == "bf16"
+    assert state["config"]["partial_fc"] == {"sample_rate": 0.2, "sparse_update": True}
+    assert state["loss"]["weight"].shape == (6, 512)  # both shards' centres, gathered
+    assert torch.isfinite(state["loss"]["weight"]).all()
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

@@ -2,10 +2,11 @@
 
 Each degradation is a small frozen dataclass holding its severity; calling it as
 ``degrade(image, face, rng)`` returns a degraded copy of an ``(H, W, 3)`` uint8 RGB photo.
-``face`` (:class:`FaceGeometry`) gives the face's five landmarks and width in that photo, so
-that severities are stated relative to the *face* (a blur of σ = 2 px means the same on a
-100 px face in a 250 px LFW photo as on a 300 px face in a CFP photo) and occluders land on
-the eyes or the mouth. ``rng`` is used only by degradations that draw something (random
+``face`` (:class:`FaceGeometry`) gives the face's five landmarks and its size in that photo
+— ``width``, the side that the 112×112 ArcFace crop of the face spans in the photo — so that
+severities are stated relative to the *aligned face* (a blur of σ = 2 px is σ = 2 pixels of
+the 112 px crop whether the photo is a 250 px LFW photo or a large CFP one) and occluders
+land on the eyes or the mouth. ``rng`` is used only by degradations that draw something (random
 patches, the sign of a rotation); the others ignore it, so every result is a pure function
 of ``(image, face, seed)``.
 
@@ -14,11 +15,11 @@ The degradations and their severity scales:
 ==================  ==================================================================  =========
 name                what, and the severity                                              camera?
 ==================  ==================================================================  =========
-``downscale``       shrink the photo so that the face is ``face_px`` wide (area           yes
-                    average, ``cv2.INTER_AREA``), then back to its size (bilinear): the
-                    detail of a face ``face_px`` pixels wide (56, 28, 14).
-``blur``            Gaussian blur, σ = ``sigma`` pixels *of a 100 px wide face*           yes
-                    (σ_photo = sigma·w/100), reflected borders, kernel radius ⌈4σ⌉.
+``downscale``       shrink the photo so that the 112 px crop spans ``face_px`` pixels     yes
+                    (area average, ``cv2.INTER_AREA``), then back to its size
+                    (bilinear): 112 → 56 → 28 → 14 px of detail in the aligned crop.
+``blur``            Gaussian blur of σ = ``sigma`` pixels *of the 112 px crop*            yes
+                    (σ_photo = sigma·w/112), reflected borders, kernel radius ⌈4σ⌉.
 ``jpeg``            PIL JPEG encode/decode at ``quality`` (1–95; 4:2:0 chroma).           yes
 ``brightness``      ``x ← f·x`` with ``f = factor`` (< 1 darkens).                        no
 ``contrast``        ``x ← m + f·(x − m)``, ``m`` the mean luma of the photo.              no
@@ -29,8 +30,9 @@ name                what, and the severity                                      
                     from the mouth line up to the eye line (0.5 ≈ the nose tip), down to
                     one d below the mouth, 2.2·d wide.
 ``patches``         square grey patches of side 0.4·d at random positions (uniform        no
-                    inside the face box) until ``fraction`` of the box is covered
-                    (by count: ``⌈fraction·area/side²⌉`` patches; overlaps may leave less).
+                    inside the face box: a square of side 0.7·w on the landmarks'
+                    centroid, brow to chin) until ``fraction`` of the box is covered (by
+                    count: ``⌈fraction·area/side²⌉`` patches; overlaps may leave less).
 ``rotation``        in-plane rotation by ``degrees`` about the landmarks' centroid, sign  no
                     drawn from ``rng`` (reflected borders).
 ==================  ==================================================================  =========
@@ -82,7 +84,8 @@ class FaceGeometry:
     Attributes:
         points: ``(5, 2)`` float — left eye, right eye (image left/right), nose tip, left and
             right mouth corners (the ArcFace five-point order).
-        width: the face's width in pixels (e.g. the detector box's width).
+        width: the side, in photo pixels, that the face's 112×112 ArcFace crop spans
+            (``112 / scale`` of the similarity that aligns it): the face's size.
     """
 
     points: np.ndarray
@@ -120,10 +123,10 @@ class FaceGeometry:
         return self.points.mean(axis=0)
 
     def box(self) -> tuple[float, float, float, float]:
-        """A square face box ``(left, top, right, bottom)`` of side ``width`` centred on the
-        landmarks' centroid."""
+        """The face box ``(left, top, right, bottom)``: a square of side ``0.7·width`` centred
+        on the landmarks' centroid (in the ArcFace crop: x 17–95, y 33–111, brow to chin)."""
         cx, cy = self.centre
-        half = self.width / 2
+        half = 0.35 * self.width
         return (cx - half, cy - half, cx + half, cy + half)
 
 
@@ -189,7 +192,8 @@ def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Downscale:
-    """The detail of a face ``face_px`` pixels wide (module table)."""
+    """The detail of a 112 px aligned crop that spans only ``face_px`` pixels (module
+    table); ``face_px >= width`` changes nothing."""
 
     face_px: float
     name: ClassVar[str] = "downscale"
@@ -209,7 +213,7 @@ class Downscale:
 
 @dataclass(frozen=True)
 class Blur:
-    """Gaussian blur of σ = ``sigma`` pixels of a 100 px wide face (module table)."""
+    """Gaussian blur of σ = ``sigma`` pixels of the 112 px aligned crop (module table)."""
 
     sigma: float
     name: ClassVar[str] = "blur"
@@ -224,7 +228,7 @@ class Blur:
 
     def __call__(self, image: np.ndarray, face: FaceGeometry, rng: np.random.Generator
                  ) -> np.ndarray:
-        return gaussian_blur(image, self.sigma * face.width / 100.0)
+        return gaussian_blur(image, self.sigma * face.width / 112.0)
 
 
 @dataclass(frozen=True)

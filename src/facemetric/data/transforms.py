@@ -285,9 +285,9 @@ class RandomDownscale:
     from ``scale = (min, max)`` (area average) and resize back (bilinear), as
     :func:`~facemetric.data.degradations.downscale_and_back` does.
 
-    On a 112 px aligned ArcFace crop the face is about 75 px wide, so ``f = 0.2`` leaves the
-    detail of a 15 px face: what a small face in a surveillance frame has (the robustness
-    report's ``downscale`` degradation). Face-safe: the geometry is unchanged.
+    On a 112 px aligned ArcFace crop ``f = 0.125`` leaves 14 px of detail, the robustness
+    report's most severe ``downscale`` (a small face in a surveillance frame). Face-safe:
+    the geometry is unchanged.
     """
 
     def __init__(self, p: float = 0.2, scale: Sequence[float] = (0.2, 1.0)) -> None:

@@ -47,7 +47,8 @@ def _cmd_align(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from facemetric.training import run_from_cli
 
-    result = run_from_cli(Path(args.config), resume=args.resume)
+    result = run_from_cli(Path(args.config), resume=args.resume,
+                          teacher=getattr(args, "teacher", None))
     last = result.losses[-1] if result.losses else float("nan")
     print(
         f"trained {result.steps} steps ({result.epochs} epochs) in {result.wall_seconds:.0f} s, "
@@ -193,6 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(func=_cmd_train)
 
+    distill = sub.add_parser(
+        "distill", help="train a student on a teacher's embeddings (knowledge distillation)")
+    distill.add_argument("--teacher", required=True,
+                         help="'dlib', a training run folder or an .onnx file")
+    distill.add_argument("--config", required=True,
+                         help="the student's experiment file; its [distill] section sets the "
+                              "loss weights (docs/distillation.md)")
+    distill.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint in output_dir"
+    )
+    distill.set_defaults(func=_cmd_train)
+
     align = sub.add_parser("align", help="detect, 5-point align and crop a folder to 112×112")
     align.add_argument("src", help="input tree: SRC/<identity>/<image>")
     align.add_argument("dst", help="output tree (same layout); existing outputs are kept")
@@ -211,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     from facemetric.pad_cli import add_pad_commands
 
     add_pad_commands(sub)
+    from facemetric.robustness_cli import add_robustness_commands
+
+    add_robustness_commands(sub)
     return parser
 
 

@@ -75,7 +75,9 @@ class AlignResult:
     residual: float | None = None
 
 
-def _nearest_centre(faces: list[Face], shape: tuple[int, ...]) -> Face:
+def nearest_centre(faces: list[Face], shape: tuple[int, ...]) -> Face:
+    """The face whose box centre is nearest the centre of an image of ``shape`` (the LFW
+    convention: the labelled person is the centred one)."""
     cy, cx = (shape[0] - 1) / 2.0, (shape[1] - 1) / 2.0
     return min(faces, key=lambda f: (f.centre[0] - cx) ** 2 + (f.centre[1] - cy) ** 2)
 
@@ -172,7 +174,7 @@ class FaceAligner:
                     face=crop,
                 )
             return AlignResult(AlignStatus.NO_FACE, why)
-        chosen = _nearest_centre(faces, image.shape)
+        chosen = nearest_centre(faces, image.shape)
         face, matrix, residual = self._warp(image, chosen.landmarks, chosen.scheme)
         if len(faces) == 1:
             status, reason = AlignStatus.OK, ""

@@ -6,6 +6,9 @@
   ``.weight`` (``num_classes × embedding_size``), ``loss(embeddings, labels)``; the margins
   (:mod:`facemetric.losses.margins`) are separate parts that any normalised head, Partial FC
   included, takes.
+- Distillation losses (:mod:`facemetric.losses.distillation`): ``loss(student, teacher)``
+  against a teacher's embeddings of the same images, and ``DistillationObjective`` adding
+  them to a label loss (built from a config's ``[distill]`` section, not from ``[loss]``).
 """
 
 from facemetric.losses.center import CenterLoss
@@ -24,6 +27,13 @@ from facemetric.losses.classifier import (
     SphereFaceLoss,
     SubCenterArcFaceLoss,
     margin_cross_entropy,
+)
+from facemetric.losses.distillation import (
+    DistillationObjective,
+    EmbeddingDistillationLoss,
+    RKDAngleLoss,
+    RKDDistanceLoss,
+    SimilarityMatrixLoss,
 )
 from facemetric.losses.margins import (
     ArcMargin,
@@ -58,8 +68,10 @@ __all__ = [
     "ContrastiveLoss",
     "CosFaceLoss",
     "CosMargin",
+    "DistillationObjective",
     "DynamicArcMargin",
     "DynamicMarginArcFaceLoss",
+    "EmbeddingDistillationLoss",
     "FacilityLocationLoss",
     "HierarchicalTripletLoss",
     "L2SoftmaxLoss",
@@ -74,6 +86,9 @@ __all__ = [
     "NormFaceLoss",
     "NormalizedClassifierLoss",
     "QuadrupletLoss",
+    "RKDAngleLoss",
+    "RKDDistanceLoss",
+    "SimilarityMatrixLoss",
     "SoftmaxLoss",
     "SphereFaceLoss",
     "SubCenterArcFaceLoss",

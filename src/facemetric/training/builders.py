@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 #: abstract bases that are exported but cannot be built from a config
 _NOT_BUILDABLE = {"TupleLoss", "ClassifierLoss", "NormalizedClassifierLoss", "Miner", "Distance"}
+#: distillation losses take the teacher's embeddings: built from [distill], not from [loss]
+_NOT_BUILDABLE |= {"EmbeddingDistillationLoss", "RKDDistanceLoss", "RKDAngleLoss",
+                   "SimilarityMatrixLoss", "DistillationObjective"}
 
 
 def _key(name: str, suffix: str = "") -> str:

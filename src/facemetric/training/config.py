@@ -252,6 +252,42 @@ class MagnetConfig:
     batch_size: int = 256
 
 
+@dataclass
+class DistillConfig:
+    """Knowledge distillation from a teacher encoder (``facemetric distill``; see
+    ``docs/distillation.md``). Unset ``teacher``: no distillation.
+
+    ``teacher`` is a ``facemetric.inference.load_model`` source (``"dlib"``, a run folder,
+    an ``.onnx`` file). Its embeddings of every training image are computed once and cached
+    under ``[data] root/.teacher`` (:mod:`facemetric.distillation.cache`; ``workers``
+    processes, ``chunk`` images per resumable chunk). A teacher whose alignment template
+    differs from the training images' (dlib's ``dlib150`` chips vs ``arcface112``) sees the
+    original photos re-detected and warped to its template: ``photos_root`` is the tree the
+    aligned images were made from (default: the ``src`` that ``align_report.json`` in
+    ``[data] root`` names, with that report's detector settings).
+
+    The objective is ``label·ℓ_[loss] + embedding·ℓ_emb + rkd_distance·ℓ_RKD-D +
+    rkd_angle·ℓ_RKD-A + similarity·ℓ_sim`` (:mod:`facemetric.losses.distillation`;
+    ``embedding_kind`` ``"cosine"`` or ``"l2"``; a weight of 0 drops the term, ``label = 0``
+    drops the ``[loss]`` term).
+    """
+
+    teacher: str | None = None
+    photos_root: Path | None = None
+    workers: int = 1
+    chunk: int = 128
+    label: float = 1.0
+    embedding: float = 1.0
+    embedding_kind: str = "cosine"
+    rkd_distance: float = 0.0
+    rkd_angle: float = 0.0
+    similarity: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.teacher is not None
+
+
 def structured_loss(name: str) -> str | None:
     """``"class_tree"`` or ``"magnet"`` for the losses whose dataset-level state a config
     section controls (by the registry's name matching), else ``None``."""
@@ -278,6 +314,7 @@ class TrainConfig:
     mining: MiningConfig = field(default_factory=MiningConfig)
     class_tree: ClassTreeConfig = field(default_factory=ClassTreeConfig)
     magnet: MagnetConfig = field(default_factory=MagnetConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only (paths as strings): what a checkpoint stores."""
@@ -297,6 +334,7 @@ _SECTIONS: dict[str, type] = {
     "mining": MiningConfig,
     "class_tree": ClassTreeConfig,
     "magnet": MagnetConfig,
+    "distill": DistillConfig,
 }
 
 
@@ -363,6 +401,8 @@ def config_from_dict(
         config.data.root = _resolve(config.data.root, base_dir)
         if config.data.people_file is not None:
             config.data.people_file = _resolve(config.data.people_file, base_dir)
+        if config.distill.photos_root is not None:
+            config.distill.photos_root = _resolve(config.distill.photos_root, base_dir)
     check_config(config, source)
     return config
 
@@ -540,6 +580,7 @@ def check_config(config: TrainConfig, source: str = "config") -> None:
     _need(mg.clusters_per_class >= 1, f"{s}: [magnet] clusters_per_class must be >= 1")
     _need(mg.iterations >= 1, f"{s}: [magnet] iterations must be >= 1")
     kind = structured_loss(config.loss.name)
+    _check_distill(config, s, kind is not None and getattr(config, kind).enabled)
     if kind is not None and getattr(config, kind).enabled:
         what = "the class tree" if kind == "class_tree" else "the magnet clusters"
         _need(b.p is not None and b.k is not None,
@@ -554,11 +595,35 @@ def check_config(config: TrainConfig, source: str = "config") -> None:
                   f"classes_per_anchor − 1 neighbours")
 
 
+def _check_distill(config: TrainConfig, s: str, structured: bool) -> None:
+    ds = config.distill
+    if not ds.enabled:
+        return
+    _need(bool(ds.teacher), f"{s}: [distill] teacher must name a model ('dlib', a run, .onnx)")
+    _need(ds.workers >= 1 and ds.chunk >= 1, f"{s}: [distill] workers and chunk must be >= 1")
+    _need(ds.embedding_kind in ("cosine", "l2"),
+          f"{s}: [distill] embedding_kind must be 'cosine' or 'l2', got {ds.embedding_kind!r}")
+    weights = {"label": ds.label, "embedding": ds.embedding, "rkd_distance": ds.rkd_distance,
+               "rkd_angle": ds.rkd_angle, "similarity": ds.similarity}
+    for name, w in weights.items():
+        _need(math.isfinite(w) and w >= 0, f"{s}: [distill] {name} must be >= 0, got {w}")
+    _need(any(w > 0 for k, w in weights.items() if k != "label"),
+          f"{s}: [distill] needs a distillation term: set embedding, rkd_distance, rkd_angle "
+          "or similarity above 0")
+    _need(not (config.mining.global_index or structured),
+          f"{s}: [distill] does not combine with [mining] global_index, [class_tree] or "
+          "[magnet] (they re-embed the dataset and build their own batches); turn them off")
+    _need(Path(config.data.root).suffix != ".rec",
+          f"{s}: [distill] needs an image folder as [data] root (the teacher cache sits "
+          "beside the images), not a RecordIO file")
+
+
 __all__ = [
     "AugmentConfig",
     "BatchConfig",
     "ClassTreeConfig",
     "DataConfig",
+    "DistillConfig",
     "LossConfig",
     "MagnetConfig",
     "MiningConfig",

@@ -86,7 +86,7 @@ from facemetric.training.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from facemetric.training.config import TrainConfig, load_config
+from facemetric.training.config import TrainConfig, check_config, load_config
 from facemetric.training.row_sparse_sgd import clip_grad_norm
 from facemetric.training.structure import build_structure
 
@@ -97,7 +97,7 @@ LOG_FIELDS = ("step", "epoch", "loss", "lr", "images_per_s", "wall_s")
 _RESUME_FREE_KEYS = {
     "train.epochs", "train.max_steps", "train.log_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.device", "data.num_workers", "output_dir",
-    "train.max_skipped_steps",
+    "train.max_skipped_steps", "distill.workers", "distill.chunk",
 }
 
 
@@ -233,7 +233,9 @@ class AugmentedDataset(Dataset):
 
     Items are requested as ``(index, seed)``. An image the base returns as an ``(H, W, 3)``
     uint8 array goes through ``transform(image, numpy.random.default_rng(seed))``; an image
-    returned as a tensor is used as it is (already preprocessed).
+    returned as a tensor is used as it is (already preprocessed). Fields after the label
+    (a distillation teacher's embedding) are passed on unchanged, and the loop hands them
+    to the loss after the labels.
     """
 
     def __init__(self, base: Dataset, transform: Compose) -> None:
@@ -242,12 +244,12 @@ class AugmentedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, ...]:
         index, seed = key
-        image, label = self.base[index]
+        image, label, *extra = self.base[index]  # extra: e.g. the teacher's embedding
         if isinstance(image, np.ndarray):
             image = self.transform(image, np.random.default_rng(seed))
-        return image, int(label)
+        return (image, int(label), *extra)
 
 
 def keep_array(image: np.ndarray) -> np.ndarray:
@@ -499,7 +501,10 @@ def train(
             images are found and dropped before training (see ``TrainResult.failures``).
         model: the backbone (default: ``[model]`` from the registry); it must map a batch
             to ``(B, [model] embedding_size)``.
-        loss: the loss module (default: built from ``[loss]``); called ``loss(emb, labels)``.
+        loss: the loss module (default: built from ``[loss]``, wrapped with the teacher's
+            terms when ``[distill]`` names a teacher); called ``loss(emb, labels, *extra)``
+            where ``extra`` are the dataset items' fields after the label (none, or the
+            teacher's embedding).
         context: rank/world size (default: one process).
         on_step: called after every step; an exception raised there stops training (what
             a crash would do: no final checkpoint, plot or result).
@@ -536,6 +541,10 @@ def train(
         if failures:
             logger.warning("dropped %d unreadable image(s) before training, e.g. %s",
                            len(failures), failures[0].path)
+    if config.distill.enabled:  # after verify: the teacher rows follow the kept samples
+        from facemetric.training.distill import attach_teacher
+
+        dataset = attach_teacher(config, dataset, progress=progress and ctx.is_main)
     labels = _dataset_labels(dataset)
     if labels.size == 0:
         raise ValueError("the dataset is empty")
@@ -595,6 +604,11 @@ def train(
             loss = build_partial_fc(loss, config.partial_fc.sample_rate, rank=ctx.rank,
                                     world_size=ctx.world_size, seed=config.seed,
                                     sparse_grad=sparse)
+        if config.distill.enabled:
+            from facemetric.training.distill import build_objective
+
+            loss = build_objective(config.distill, loss, config.model.embedding_size,
+                                   int(dataset.rows.shape[1]))  # type: ignore[attr-defined]
     if structure is not None:
         loss = structure.attach(loss)
     model.to(device)
@@ -691,13 +705,14 @@ def train(
                 pin_memory=device.type == "cuda",
                 generator=loader_gen,
             )
-            for images, targets in loader:
+            for images, targets, *extra in loader:
                 net.train()
                 loss.train()
                 images = images.to(device, non_blocking=True)
                 if images.dim() == 4:
                     images = images.contiguous(memory_format=memory_format)
                 targets = targets.to(device, non_blocking=True)
+                extra = [x.to(device, non_blocking=True) for x in extra]
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     embeddings = net(images)
@@ -709,7 +724,7 @@ def train(
                         f"the embeddings hold NaN or Inf at step {step + 1}{_where(bad, ctx)}; "
                         "lower [optimizer] lr or set [train] grad_clip"
                     )
-                value = loss_fn(embeddings.float(), targets)
+                value = loss_fn(embeddings.float(), targets, *extra)
                 values = ctx.all_values(float(value.detach()))
                 bad = [r for r, v in enumerate(values) if not math.isfinite(v)]
                 if bad:
@@ -825,14 +840,22 @@ def train(
     )
 
 
-def run_from_cli(config_path: Path, resume: bool = False) -> TrainResult:
+def run_from_cli(
+    config_path: Path, resume: bool = False, teacher: str | None = None
+) -> TrainResult:
     """``facemetric train --config CONFIG.toml [--resume]``: load the config and train.
+
+    ``teacher`` (``facemetric distill --teacher dlib``) sets ``[distill] teacher``: the run
+    distils that encoder into the configured student (``docs/distillation.md``).
 
     Launched by torchrun (``WORLD_SIZE > 1``) it starts the process group first
     (:func:`facemetric.training.distributed.init_distributed`), trains with DDP and ends the
     group afterwards.
     """
     config = load_config(config_path)
+    if teacher is not None:
+        config.distill.teacher = teacher
+        check_config(config, str(config_path))
     from facemetric.training.distributed import DDPContext, init_distributed
 
     ctx = init_distributed()

@@ -2,7 +2,8 @@
 
 - ``verification``: 1:1 pairs — k-fold accuracy, ROC, AUC, EER, TAR@FAR.
 - ``identification``: 1:N — closed-set CMC, open-set DIR at FPIR, gallery/probe splits.
-- ``retrieval``: precision@1, R-precision, MAP@R, recall@k, in bounded memory.
+- ``retrieval``: precision@1, R-precision, MAP@R, recall@k, mAP, in bounded memory, with
+  optional retrieval post-processing (:mod:`facemetric.index.rerank`).
 - ``clustering``: NMI, AMI, pairwise and BCubed scores; k-means, threshold and
   average-linkage clustering of embeddings.
 - ``protocols``: LFW, CFP and ``.bin`` pair lists.
@@ -42,7 +43,11 @@ from facemetric.evaluation.protocols import (
     read_lfw_pairs,
 )
 from facemetric.evaluation.report import ReportFiles, comparison_table, write_verification_report
-from facemetric.evaluation.retrieval import RetrievalReport, retrieval_metrics
+from facemetric.evaluation.retrieval import (
+    RetrievalReport,
+    mean_average_precision,
+    retrieval_metrics,
+)
 from facemetric.evaluation.verification import (
     KFoldAccuracy,
     RocCurve,
@@ -91,6 +96,7 @@ __all__ = [
     "kfold_accuracy",
     "kmeans",
     "load_verification_bin",
+    "mean_average_precision",
     "normalized_mutual_info",
     "open_set_identification",
     "pairwise_scores",

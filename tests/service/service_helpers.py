@@ -128,6 +128,20 @@ class Server:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def worker_pids(self) -> set[int]:
+        """The uvicorn worker processes of a ``--workers N`` server (its children that run
+        ``spawn_main``; not multiprocessing's resource tracker)."""
+        assert self.proc is not None
+        pid = self.proc.pid
+        out = set()
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            try:
+                if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    out.add(int(child))
+            except FileNotFoundError:  # it has just ended
+                continue
+        return out
+
     def rss_peak_kb(self) -> int:
         """The server process's peak resident memory (VmHWM), in KiB."""
         assert self.proc is not None

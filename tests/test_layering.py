@@ -21,6 +21,7 @@ USERS = [
     "facemetric.index",
     "facemetric.service",
     "facemetric.pad",
+    "facemetric.clustering",
 ]
 
 

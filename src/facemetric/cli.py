@@ -227,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     from facemetric.robustness_cli import add_robustness_commands
 
     add_robustness_commands(sub)
+    from facemetric.cluster_cli import add_cluster_commands
+
+    add_cluster_commands(sub)
     return parser
 
 

@@ -266,6 +266,8 @@ def create_app(settings: ServiceSettings, *, store: GalleryStore | None = None,
                        "max_images": settings.max_images, "max_pixels": settings.max_pixels},
             "micro_batching": {"enabled": settings.micro_batch, **eng.encoder.stats.to_dict()},
             "liveness": eng.liveness is not None,
+            "liveness_threshold": None if eng.plain.liveness is None
+            else eng.plain.liveness.threshold,
         }
 
     # ------------------------------------------------------------------ 1:1 and embed

@@ -300,6 +300,9 @@ class HealthResponse(BaseModel):
     limits: dict[str, int]
     micro_batching: dict[str, Any]
     liveness: bool = Field(description="a presentation-attack detector is loaded")
+    liveness_threshold: float | None = Field(
+        description="its operating point: a face is an attack when its score (the attack "
+                    "probability) is at least this; null without a detector")
 
 
 def form_schema(model: type[BaseModel], files: dict[str, bool]) -> dict[str, Any]:

@@ -22,6 +22,15 @@ Decisions:
   person's); the accepted faces are stored in one transaction, so a person is never
   half-enrolled.
 
+**Retrieval post-processing** (``postprocess=``, a :class:`facemetric.index.PostProcessing`:
+query expansion, database-side augmentation, k-reciprocal re-ranking): the probe's
+``shortlist_size`` best templates by cosine are reordered, and persons are ranked by their
+first template in that order. Each candidate's ``score`` stays the person's best template
+cosine (the same number ``person_score="max"`` reports, exact because the shortlist is the
+top by cosine), so the calibrated threshold keeps its meaning: the re-ranked top person is
+accepted when *their own* cosine reaches ``threshold(far)``. Post-processing reorders
+templates, so it needs ``person_score="max"``.
+
 Thresholds are never hard-coded: they come from the model's
 :class:`~facemetric.inference.ThresholdTable` (``facemetric calibrate``). A model without one
 can still embed and rank, but any accept/reject decision raises a ``ValueError`` that says
@@ -40,7 +49,7 @@ import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -58,6 +67,9 @@ from facemetric.recognizer.results import (
     IdentifiedFace,
     Verification,
 )
+
+if TYPE_CHECKING:
+    from facemetric.index import PostProcessing
 
 DEFAULT_FAR = 1e-3
 """The false-accept rate a decision uses when the caller names none."""
@@ -107,6 +119,7 @@ class Recognizer:
             ``None`` = check when a detector is set, ``False`` = skip, ``True`` = require).
         liveness_threshold: overrides the detector's own threshold (attack when
             ``score >= liveness_threshold``); see :mod:`facemetric.recognizer.liveness`.
+        postprocess: optional retrieval post-processing of ``identify`` (module docstring).
     """
 
     def __init__(
@@ -126,6 +139,7 @@ class Recognizer:
         detector: Any = None,
         liveness: Any = None,
         liveness_threshold: float | None = None,
+        postprocess: PostProcessing | None = None,
         _reembedding: bool = False,
     ) -> None:
         from facemetric.inference.load import load_model
@@ -134,6 +148,10 @@ class Recognizer:
         if person_score not in SCORE_MODES:
             raise ValueError(f"person_score must be one of {SCORE_MODES}, got {person_score!r}")
         self.person_score = person_score
+        if postprocess is not None and person_score != "max":
+            raise ValueError("post-processing reorders templates and ranks persons by their "
+                             "best one: use person_score='max' with postprocess=")
+        self.postprocess = postprocess
         self.duplicate_threshold = float(duplicate_threshold)
         table = thresholds if thresholds is not None else self.encoder.thresholds
         if table is not None:
@@ -434,8 +452,11 @@ class Recognizer:
         faces = [(i, f) for i, im in enumerate(found) if im.ok for f in im.faces]
         if faces and len(self._index):
             queries = np.stack([f.embedding for _, f in faces]).astype(np.float32)
-            hits = self._index.search_owners(queries, k, mode=self.person_score)
-            scores, owners = hits.scores.numpy(), hits.ids.numpy()
+            if self.postprocess is None or self.postprocess.identity:
+                hits = self._index.search_owners(queries, k, mode=self.person_score)
+                scores, owners = hits.scores.numpy(), hits.ids.numpy()
+            else:
+                scores, owners = self._reranked_persons(queries, k)
         else:
             scores = np.zeros((len(faces), 0), np.float32)
             owners = np.zeros((len(faces), 0), np.int64)
@@ -450,6 +471,29 @@ class Recognizer:
             best = cands[0].person if cands and threshold.accepts(cands[0].score) else UNKNOWN
             per_image[i].append(IdentifiedFace(face, cands, best, threshold, persons))
         return [Identification(im, tuple(per_image[i])) for i, im in enumerate(found)]
+
+    def _reranked_persons(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``k`` persons per query in post-processed template order, each with their
+        best template cosine: ``(scores (Q, k), owners (Q, k))``, ``-inf`` / ``-1`` padded."""
+        from facemetric.index import TemplateDatabase
+
+        assert self.postprocess is not None
+        db = TemplateDatabase(self._index)
+        short = db.shortlist(queries, self.postprocess.shortlist_size)
+        refined = self.postprocess.apply(queries, short, db)
+        ids, cosine = refined.rows.numpy(), refined.cosine.numpy()
+        owner_of = self._owner_of
+        scores = np.full((len(queries), k), -np.inf, np.float32)
+        owners = np.full((len(queries), k), -1, np.int64)
+        for q in range(len(queries)):
+            best: dict[int, float] = {}  # owner -> best cosine, in re-ranked order
+            for t, c in zip(ids[q].tolist(), cosine[q].tolist(), strict=True):
+                if t >= 0:
+                    o = owner_of[t]
+                    best[o] = max(best.get(o, -np.inf), c)
+            for j, (o, c) in enumerate(list(best.items())[:k]):
+                owners[q, j], scores[q, j] = o, c
+        return scores, owners
 
     def reembed(self, progress: bool = True) -> int:
         """Re-embed every stored face of the collection with *this* recognizer's model from

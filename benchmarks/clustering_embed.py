@@ -37,6 +37,21 @@ def lfw_devtest(lfw: Path, aligned: Path) -> tuple[list[Path], list[int]]:
     return paths, labels
 
 
+def lfw_devtrain(lfw: Path, aligned: Path, limit: int = 2000) -> tuple[list[Path], list[int]]:
+    """The first ``limit`` images of peopleDevTrain (for calibrating a threshold on
+    identities disjoint from DevTest)."""
+    paths, labels = [], []
+    lines = (lfw / "peopleDevTrain.txt").read_text().split("\n")[1:]
+    for person, line in enumerate(x for x in lines if x.strip()):
+        name, count = line.split()
+        for k in range(1, int(count) + 1):
+            p = aligned / name / f"{name}_{k:04d}.jpg"
+            if p.exists() and len(paths) < limit:
+                paths.append(p)
+                labels.append(person)
+    return paths, labels
+
+
 def cfp_all(aligned: Path) -> tuple[list[Path], list[int]]:
     paths, labels = [], []
     for person in sorted(p for p in aligned.iterdir() if p.is_dir()):
@@ -66,6 +81,8 @@ def main() -> None:
             continue
         if name == "lfw":
             paths, labels = lfw_devtest(args.data / "lfw", args.cache / "lfw112")
+        elif name == "devtrain":
+            paths, labels = lfw_devtrain(args.data / "lfw", args.cache / "lfw112")
         else:
             paths, labels = cfp_all(args.cache / "cfp112")
         rows = []

@@ -1,0 +1,178 @@
+"""The distilled student against its teacher (dlib): accuracy and embedding speed.
+
+    # embedding speed per core (torch.set_num_threads(1)), student vs dlib
+    .venv/bin/python benchmarks/distill.py speed --student runs/distill/dlib_mobilefacenet \
+        [--onnx student.onnx] --lfw ../shared/data/lfw [--quick]
+    # the student's LFW pairsDevTest (10 folds, flip test), CFP-FF and CFP-FP
+    .venv/bin/python benchmarks/distill.py eval --student runs/distill/dlib_mobilefacenet \
+        --lfw ../shared/data/lfw --cfp ../shared/data/cfp --aligned cache
+
+**speed** — the *embedding step* only: faces already detected and aligned, each model on its
+own input (dlib: 150 px ``dlib150`` chips; the student: 112 px ``arcface112`` crops, resized
+to its input inside ``embed_faces``), both made from the same detected face of the same
+LFW DevTest photos (detection and alignment are not timed: they are the same work for both
+and the enrollment benchmark times them). Timed through ``Encoder.embed_faces`` (batch
+``--batch``), one thread (``torch.set_num_threads(1)``; dlib's descriptor runs on one core),
+median img/s over ``--repeats`` passes after a warm-up pass. The student runs with its
+contract's flip test (two passes per face, as evaluation and the recognizer use it) and
+without it; ``--onnx`` adds the exported student under ONNX Runtime (one thread).
+``--quick``: 24 photos, 2 repeats.
+
+**eval** — the same calls ``make demo`` makes (``facemetric.evaluation.run.evaluate``):
+pairsDevTest on the ``arcface112`` LFW faces (``<aligned>/lfw112``), CFP-FF and CFP-FP on
+``<aligned>/cfp112``; each report is written under ``<student>/../eval_*``.
+
+The script prints the load average: on a shared machine the numbers are not idle numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def machine_state() -> str:
+    load1, load5, load15 = os.getloadavg()
+    return (f"load average {load1:.2f} {load5:.2f} {load15:.2f} on {os.cpu_count()} cores "
+            "(above ~1 the machine is shared: not idle numbers)")
+
+
+def _people(path: Path) -> list[tuple[str, int]]:
+    rows = path.read_text().split("\n")[1:]
+    return [(r.split()[0], int(r.split()[1])) for r in rows if r.strip()]
+
+
+def faces_for_both(lfw: Path, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(arcface112 crops, dlib150 chips)`` of the centre face of ``count`` DevTest photos."""
+    from facemetric.align import FaceDetector, warp_to_template
+    from facemetric.align.aligner import nearest_centre
+    from facemetric.data.images import load_image
+
+    detector = FaceDetector("hog", "dlib68", 1, 1024)
+    crops, chips = [], []
+    for name, n in _people(lfw / "peopleDevTest.txt"):
+        for k in range(1, n + 1):
+            photo = load_image(lfw / "lfw-deepfunneled" / name / f"{name}_{k:04d}.jpg")
+            faces = detector.detect(photo)
+            if not faces:
+                continue
+            face = nearest_centre(faces, photo.shape)
+            crops.append(warp_to_template(photo, face.landmarks, face.scheme, "arcface112"))
+            chips.append(warp_to_template(photo, face.landmarks, face.scheme, "dlib150"))
+            if len(crops) == count:
+                return np.stack(crops), np.stack(chips)
+    return np.stack(crops), np.stack(chips)
+
+
+def time_encoder(encoder, faces: np.ndarray, batch: int, repeats: int) -> float:
+    """Median img/s of ``encoder.embed_faces`` over ``repeats`` passes (after a warm-up)."""
+    encoder.embed_faces(faces[:batch], batch_size=batch)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        encoder.embed_faces(faces, batch_size=batch)
+        rates.append(len(faces) / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def cmd_speed(args: argparse.Namespace) -> dict:
+    from facemetric.inference import load_model
+
+    torch.set_num_threads(1)
+    count, repeats = (24, 2) if args.quick else (args.images, args.repeats)
+    print(machine_state())
+    crops, chips = faces_for_both(args.lfw, count)
+    print(f"{len(crops)} DevTest faces; batch {args.batch}; {repeats} timed passes; 1 thread")
+    rows: dict[str, float] = {}
+    rows["dlib ResNet (150 px chips)"] = time_encoder(load_model("dlib"), chips, args.batch,
+                                                      repeats)
+    student = load_model(args.student)
+    c = student.contract
+    label = f"student {c.backbone} {c.input_size} px D={c.embedding_size}, torch"
+    rows[f"{label}, flip test"] = time_encoder(load_model(args.student, flip_test=True),
+                                               crops, args.batch, repeats)
+    rows[f"{label}, no flip"] = time_encoder(load_model(args.student, flip_test=False), crops,
+                                             args.batch, repeats)
+    if args.onnx is not None:
+        from facemetric.inference.onnx import OnnxEncoder
+
+        for flip in (True, False):
+            enc = OnnxEncoder(args.onnx, flip_test=flip, threads=1)
+            rows[f"student, ONNX Runtime, {'flip test' if flip else 'no flip'}"] = (
+                time_encoder(enc, crops, args.batch, repeats))
+    base = rows["dlib ResNet (150 px chips)"]
+    print(f"{'encoder':<58}{'img/s per core':>16}{'vs dlib':>9}")
+    for name, rate in rows.items():
+        print(f"{name:<58}{rate:>16.1f}{rate / base:>8.2f}×")
+    print(machine_state())
+    return {"img_per_s_per_core": rows, "faces": len(crops), "state": machine_state()}
+
+
+def cmd_eval(args: argparse.Namespace) -> dict:
+    from facemetric.evaluation.run import evaluate
+    from facemetric.inference import load_model
+
+    torch.set_num_threads(args.threads)
+    student = load_model(args.student)
+    out = Path(args.student).resolve()
+    out = out.parent if out.is_file() else out
+    results = {}
+    lfw = evaluate(student, data_root=args.aligned / "lfw112",
+                   pairs_file=args.lfw / "pairsDevTest.txt",
+                   out_dir=out.parent / f"{out.name}_eval_lfw_devtest")
+    results["LFW pairsDevTest"] = lfw.report
+    if args.cfp is not None:
+        for protocol in ("FF", "FP"):
+            res = evaluate(student, data_root=args.aligned / "cfp112", cfp_root=args.cfp,
+                           protocol=protocol,
+                           out_dir=out.parent / f"{out.name}_eval_cfp_{protocol.lower()}")
+            results[f"CFP-{protocol}"] = res.report
+    print(f"student {student.contract.describe()}")
+    print(f"{'benchmark':<20}{'pairs':>7}{'accuracy':>18}{'AUC':>8}{'EER':>8}")
+    summary = {}
+    for name, r in results.items():
+        acc = f"{100 * r.accuracy:.2f} ± {100 * r.accuracy_std:.2f}%"
+        pairs = int(r.num_positives + r.num_negatives)
+        print(f"{name:<20}{pairs:>7}{acc:>18}{r.auc:>8.4f}{r.eer:>8.4f}")
+        summary[name] = {"pairs": pairs, "accuracy": float(r.accuracy),
+                         "accuracy_std": float(r.accuracy_std), "auc": float(r.auc),
+                         "eer": float(r.eer)}
+    return summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    sp = sub.add_parser("speed", help="embedding img/s per core, student vs dlib")
+    sp.add_argument("--student", required=True, help="run folder, checkpoint or .onnx")
+    sp.add_argument("--onnx", type=Path, default=None, help="the exported student, too")
+    sp.add_argument("--lfw", type=Path, required=True)
+    sp.add_argument("--images", type=int, default=128)
+    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--batch", type=int, default=32)
+    sp.add_argument("--quick", action="store_true", help="24 faces, 2 passes")
+    sp.set_defaults(func=cmd_speed)
+    ev = sub.add_parser("eval", help="LFW pairsDevTest, CFP-FF, CFP-FP of the student")
+    ev.add_argument("--student", required=True)
+    ev.add_argument("--lfw", type=Path, required=True)
+    ev.add_argument("--cfp", type=Path, default=None)
+    ev.add_argument("--aligned", type=Path, default=Path("cache"),
+                    help="holds lfw112/ and cfp112/ (made by make demo)")
+    ev.add_argument("--threads", type=int, default=2)
+    ev.set_defaults(func=cmd_eval)
+    ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    args = ap.parse_args()
+    result = args.func(args)
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,17 +1,22 @@
-"""Every curl example in docs/service.md, run against a real server: each command is parsed
-(shell quoting, ``$URL``/``$KEY``/``$FACE_ID``, ``$(base64 -w0 FILE)``, ``-X``, ``-H``,
-``-F``, ``-d``) and sent as the equivalent httpx request; each must succeed."""
+"""Every curl example in docs/service.md, run against a real server — one on an SQLite
+gallery and one on a PostgreSQL gallery: each command is parsed (shell quoting,
+``$URL``/``$KEY``/``$FACE_ID``, ``$(base64 -w0 FILE)``, ``-X``, ``-H``, ``-F``, ``-d``) and
+sent as the equivalent httpx request; each must succeed."""
 
 from __future__ import annotations
 
 import base64
 import re
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from service_helpers import Server
+
+from facemetric.service.keys import KeyStore
 
 pytestmark = [pytest.mark.data]
 
@@ -75,14 +80,32 @@ def to_request(command: str, env: dict[str, str], files: dict[str, Path]) -> dic
     return request
 
 
-def test_every_curl_example_in_the_docs_runs(server, keys, lfw_people):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def docs_server(request, tmp_path) -> Iterator[tuple[str, str, str]]:
+    """(backend, URL, admin key) of a server: the shared SQLite one, or a new one on a fresh
+    PostgreSQL database."""
+    if request.param == "sqlite":
+        server, keys = request.getfixturevalue("server"), request.getfixturevalue("keys")
+        yield "sqlite", server.url, keys.create("admin", name="docs")[1]
+        return
+    pg_url, model = request.getfixturevalue("pg_url"), request.getfixturevalue("service_model")
+    keys = tmp_path / "docs.keys.db"
+    srv = Server(model, pg_url, tmp_path / "server.log", args=["--keys", str(keys)]).start()
+    try:
+        yield "postgresql", srv.url, KeyStore(keys).create("admin", name="docs")[1]
+    finally:
+        srv.stop()
+
+
+def test_every_curl_example_in_the_docs_runs(docs_server, lfw_people):
+    backend, url, key = docs_server
     commands = curl_commands(DOC.read_text())
     assert len(commands) >= 20
     names = list(lfw_people)
     files = {"ada1.jpg": lfw_people[names[0]][0], "ada2.jpg": lfw_people[names[0]][1],
              "ada3.jpg": lfw_people[names[0]][2], "who.jpg": lfw_people[names[0]][3],
              "charles1.jpg": lfw_people[names[1]][0]}
-    env = {"URL": server.url, "KEY": keys.create("admin", name="docs")[1], "FACE_ID": "0"}
+    env = {"URL": url, "KEY": key, "FACE_ID": "0"}
     seen_paths = set()
     with httpx.Client(timeout=60) as http:
         for command in commands:
@@ -90,8 +113,10 @@ def test_every_curl_example_in_the_docs_runs(server, keys, lfw_people):
             r = http.request(**request)
             assert r.is_success, (command[:200], r.status_code, r.text[:1000])
             seen_paths.add((request["method"], re.sub(r"/\d+$", "/{id}", request["url"].split(
-                "?")[0].replace(server.url, ""))))
+                "?")[0].replace(url, ""))))
             body = r.json()
+            if request["url"].endswith("/v1/health"):
+                assert body["gallery"]["backend"] == backend
             for image in body.get("images", []) if isinstance(body, dict) else []:
                 if image.get("face_id") and env["FACE_ID"] == "0":
                     env["FACE_ID"] = str(image["face_id"])

@@ -15,7 +15,8 @@ and the enrollment benchmark times them). Timed through ``Encoder.embed_faces`` 
 ``--batch``), one thread (``torch.set_num_threads(1)``; dlib's descriptor runs on one core),
 median img/s over ``--repeats`` passes after a warm-up pass. The student runs with its
 contract's flip test (two passes per face, as evaluation and the recognizer use it) and
-without it; ``--onnx`` adds the exported student under ONNX Runtime (one thread).
+without it; ``--onnx`` adds the exported student under ONNX Runtime (one thread) and
+checks it against torch on the same faces (max absolute difference of the unit rows).
 ``--quick``: 24 photos, 2 repeats.
 
 **eval** — the same calls ``make demo`` makes (``facemetric.evaluation.run.evaluate``):
@@ -100,9 +101,16 @@ def cmd_speed(args: argparse.Namespace) -> dict:
                                                crops, args.batch, repeats)
     rows[f"{label}, no flip"] = time_encoder(load_model(args.student, flip_test=False), crops,
                                              args.batch, repeats)
+    agreement = None
     if args.onnx is not None:
         from facemetric.inference.onnx import OnnxEncoder
 
+        torch_rows = load_model(args.student, flip_test=True).embed_faces(crops)
+        onnx_rows = OnnxEncoder(args.onnx, flip_test=True, threads=1).embed_faces(crops)
+        agreement = {"max_abs_diff": float(np.abs(torch_rows - onnx_rows).max()),
+                     "min_cosine": float((torch_rows * onnx_rows).sum(1).min())}
+        print(f"ONNX vs torch on {len(crops)} faces (flip test): max |Δ| "
+              f"{agreement['max_abs_diff']:.2e}, min cosine {agreement['min_cosine']:.7f}")
         for flip in (True, False):
             enc = OnnxEncoder(args.onnx, flip_test=flip, threads=1)
             rows[f"student, ONNX Runtime, {'flip test' if flip else 'no flip'}"] = (
@@ -112,7 +120,8 @@ def cmd_speed(args: argparse.Namespace) -> dict:
     for name, rate in rows.items():
         print(f"{name:<58}{rate:>16.1f}{rate / base:>8.2f}×")
     print(machine_state())
-    return {"img_per_s_per_core": rows, "faces": len(crops), "state": machine_state()}
+    return {"img_per_s_per_core": rows, "faces": len(crops), "onnx_vs_torch": agreement,
+            "state": machine_state()}
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:

@@ -109,7 +109,7 @@ def test_hdbscan_split_removes_every_same_photo_pair():
     # photos holding two faces of one identity: HDBSCAN puts them together
     for a, b in [(0, 1), (12, 13), (14, 15), (30, 31)]:
         photos[b] = photos[a]
-    raw = hdbscan_labels(x, None, 2)
+    raw = hdbscan_labels(x, 2)
     from sklearn.cluster import HDBSCAN
 
     ref = HDBSCAN(min_cluster_size=2, min_samples=1, copy=True).fit(x.astype(np.float64)).labels_

@@ -6,8 +6,10 @@
 - **hdbscan**: scikit-learn's HDBSCAN (Campello, Moulavi, Sander, PAKDD 2013) on the unit
   vectors with Euclidean distance (``‖a − b‖ = √(2 − 2 cos)``, so it orders pairs as cosine
   does), ``min_cluster_size = max(2, min_size)``, ``min_samples = 1`` (most people have few
-  photos), ``cluster_selection_epsilon = √(2 − 2 t)`` for the calibrated threshold ``t``
-  (clusters closer than the threshold are not split further). HDBSCAN takes no
+  photos). It takes no threshold: the natural one, ``cluster_selection_epsilon = √(2 − 2t)``,
+  crashes scikit-learn 1.9 with NumPy 2.x (scikit-learn issue #33219, "only 0-dimensional
+  arrays can be converted to Python scalars"), so :func:`hdbscan_labels` accepts an
+  ``epsilon`` for when that is fixed but the method does not pass one. HDBSCAN takes no
   constraints, so each of its clusters holding two faces of one photo is **split
   afterwards**: its members are re-clustered by constrained average linkage with no
   threshold (everything merges that may), which leaves the fewest groups the constraint
@@ -119,7 +121,7 @@ def cluster_embeddings(
         res = constrained_agglomerative(x, threshold, linkage=opts.linkage, photos=tokens,
                                         neighbours=opts.neighbours)
         return Clustering(_cut(res.labels, opts.min_size), res.labels, refused=res.refused)
-    return _hdbscan(x, threshold, tokens, opts.min_size)
+    return _hdbscan(x, tokens, opts.min_size)
 
 
 def _cut(groups: np.ndarray, min_size: int) -> np.ndarray:
@@ -132,14 +134,17 @@ def _cut(groups: np.ndarray, min_size: int) -> np.ndarray:
     return labels
 
 
-def hdbscan_labels(x: np.ndarray, threshold: float | None, min_size: int) -> np.ndarray:
+def hdbscan_labels(x: np.ndarray, min_size: int, epsilon_threshold: float | None = None
+                   ) -> np.ndarray:
     """scikit-learn HDBSCAN on unit rows (module docstring); ``-1`` for noise.
-    ``threshold=None``: no ``cluster_selection_epsilon``."""
+    ``epsilon_threshold``: a cosine whose Euclidean distance ``√(2 − 2t)`` becomes
+    ``cluster_selection_epsilon`` (see the module docstring for why it is off)."""
     from sklearn.cluster import HDBSCAN
 
     if x.shape[0] < 2:
         return np.full(x.shape[0], -1, dtype=np.int64)
-    eps = 0.0 if threshold is None else float(np.sqrt(max(0.0, 2.0 - 2.0 * threshold)))
+    eps = 0.0 if epsilon_threshold is None else float(
+        np.sqrt(max(0.0, 2.0 - 2.0 * epsilon_threshold)))
     model = HDBSCAN(min_cluster_size=max(2, min_size), min_samples=1, metric="euclidean",
                     cluster_selection_epsilon=eps, copy=True)
     return model.fit(x.astype(np.float64)).labels_.astype(np.int64)
@@ -168,8 +173,8 @@ def split_cannot_link(x: np.ndarray, labels: np.ndarray, photos: np.ndarray
     return out, split, held
 
 
-def _hdbscan(x: np.ndarray, threshold: float, tokens: np.ndarray, min_size: int) -> Clustering:
-    raw = hdbscan_labels(x, threshold, min_size)
+def _hdbscan(x: np.ndarray, tokens: np.ndarray, min_size: int) -> Clustering:
+    raw = hdbscan_labels(x, min_size)
     labels, split, held = split_cannot_link(x, raw, tokens)
     # noise points are their own groups; then the min_size cut applies to split parts too
     groups = labels.copy()

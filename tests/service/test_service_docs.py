@@ -125,4 +125,4 @@ def test_every_curl_example_in_the_docs_runs(docs_server, lfw_people):
     assert shown == {"GET", "POST", "DELETE"}
     assert {p for _, p in seen_paths} >= {
         "/v1/health", "/v1/verify", "/v1/embed", "/v1/collections", "/v1/keys",
-        "/v1/collections/people/identify", "/v1/collections/people/persons"}
+        "/v1/collections/people/identify", "/v1/collections/people/persons", "/v1/cluster"}

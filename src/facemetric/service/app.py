@@ -19,6 +19,7 @@ with the key scope each needs and the Python API it calls::
     GET     /collections/{c}/persons/{p}/faces            read    store.faces
     GET     /collections/{c}/persons/{p}/faces/{id}       read    store.faces
     DELETE  /collections/{c}/persons/{p}/faces/{id}       enroll  store.remove_faces
+    POST    /cluster                                      read    clustering.cluster_images
     POST    /keys, GET /keys, DELETE /keys/{id}           admin   KeyStore
 
 Status codes: 200 (201 for a creation), 4xx with the error envelope
@@ -31,7 +32,6 @@ either image is, identify and embed when every image is (embed reports the other
 image) — except by enrollment, which answers per image (partial success, 201) and refuses
 with 422 ``nothing_enrolled`` only when no image was accepted.
 
-Clustering (``POST /v1/cluster``) belongs to a later issue and is not served.
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ VERIFY = ImageRequestSpec(S.VerifyRequest, S.VerifyOptions, {"a": False, "b": Fa
 IDENTIFY = ImageRequestSpec(S.IdentifyRequest, S.IdentifyOptions, {"image": False})
 EMBED = ImageRequestSpec(S.EmbedRequest, S.EmbedOptions, {"images": True})
 ENROLL = ImageRequestSpec(S.EnrollRequest, S.EnrollOptions, {"images": True}, ("metadata",))
+CLUSTER = ImageRequestSpec(S.ClusterRequest, S.ClusterOptions, {"images": True})
 
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <key>")
 _api_key = APIKeyHeader(name="X-API-Key", auto_error=False, description="X-API-Key: <key>")
@@ -296,6 +297,28 @@ def create_app(settings: ServiceSettings, *, store: GalleryStore | None = None,
         found = await images(request, lambda: eng.embed(files["images"], opts.policy))
         out = embed_dict(found, eng.contract.fingerprint(), eng.contract.embedding_size)
         _refuse_unreadable(found, every=True, details=out)
+        return out
+
+    @router.post("/cluster", response_model=S.ClusterResponse, tags=["recognition"],
+                 openapi_extra=_image_body(CLUSTER))
+    async def cluster(request: Request, key: ApiKey = Key) -> dict[str, Any]:
+        """Group the faces of a batch of photos by person, without a gallery: every face of
+        every image is detected and embedded, then clustered at the calibrated threshold of
+        ``far``, with two faces of one image never in one cluster (cannot-link) — the rules
+        of ``facemetric cluster``. Images without a usable face are listed in
+        ``problems``; 422 ``unreadable_image`` when no image can be read."""
+        allow(key, Scope.READ)
+        opts, files = await read_image_request(request, CLUSTER, settings.max_images)
+        result = await images(request, lambda: eng.cluster(
+            files["images"], opts.far, opts.method, opts.linkage, opts.min_size,
+            opts.neighbours))
+        out = result.to_dict()
+        unreadable = [p for p in result.problems if p.problem == str(Problem.UNREADABLE)]
+        if len(unreadable) == len(files["images"]):
+            listing = "; ".join(f"image {p.image}: {p.detail}" for p in unreadable[:5])
+            raise ApiError(422, "unreadable_image",
+                           f"cannot read any image ({listing}); send JPEG, PNG or another "
+                           f"common format, whole and within the pixel limit", out)
         return out
 
     # ------------------------------------------------------------------ collections
@@ -533,8 +556,8 @@ def create_app(settings: ServiceSettings, *, store: GalleryStore | None = None,
 
 _EXTRA_SCHEMAS = (
     (S.VerifyRequest, VERIFY), (S.IdentifyRequest, IDENTIFY), (S.EmbedRequest, EMBED),
-    (S.EnrollRequest, ENROLL), (S.CollectionCreate, None), (S.PersonCreate, None),
-    (S.KeyCreate, None),
+    (S.EnrollRequest, ENROLL), (S.ClusterRequest, CLUSTER), (S.CollectionCreate, None),
+    (S.PersonCreate, None), (S.KeyCreate, None),
 )
 
 

@@ -16,7 +16,8 @@ Thread safety:
   serialises writers across processes; every write is one transaction.
 
 Every answer is the Python API's: the handlers call the public ``Recognizer`` methods
-(``verify``, ``embed``, ``identify``, ``enroll``, ``remove``) with the request's options.
+(``verify``, ``embed``, ``identify``, ``enroll``, ``remove``) and
+:func:`facemetric.clustering.cluster_images` with the request's options.
 """
 
 from __future__ import annotations
@@ -235,6 +236,18 @@ class ServiceEngine:
         with self.collection(collection) as rec:
             return rec.enroll(person, images, policy=policy, metadata=metadata,
                               liveness=liveness)
+
+    def cluster(self, images: Sequence[bytes], far: float | None, method: str, linkage: str,
+                min_size: int, neighbours: int) -> Any:
+        """:func:`facemetric.clustering.cluster_images` with these options (``far`` None:
+        the clustering default)."""
+        from facemetric.clustering import DEFAULT_CLUSTER_FAR, ClusterOptions, cluster_images
+
+        far = DEFAULT_CLUSTER_FAR if far is None else far
+        self.threshold(self.plain, far)
+        options = ClusterOptions(far=far, method=method, linkage=linkage, min_size=min_size,
+                                 neighbours=neighbours)
+        return cluster_images(self.plain, images, options)
 
     # ------------------------------------------------------------------ health
 

@@ -83,6 +83,26 @@ class EnrollRequest(EnrollOptions):
                                       description="photos of the person, base64")
 
 
+class ClusterOptions(_Strict):
+    far: float | None = Field(
+        default=None, ge=1e-12, lt=1.0,
+        description="false-accept rate whose calibrated threshold decides 'same person' "
+                    "(default 1e-3); must be one the model's threshold table resolves")
+    method: Literal["agglomerative", "hdbscan"] = Field(
+        default="agglomerative", description="constrained average-linkage agglomeration, or "
+                                             "HDBSCAN with clusters split for cannot-link")
+    linkage: Literal["average", "single", "complete"] = "average"
+    min_size: int = Field(default=2, ge=1, le=10_000,
+                          description="smaller clusters are reported as unclustered")
+    neighbours: int = Field(default=30, ge=1, le=10_000,
+                            description="k of the k-NN graph (agglomerative)")
+
+
+class ClusterRequest(ClusterOptions):
+    images: list[Base64Image] = Field(min_length=1, json_schema_extra={"items": _B64},
+                                      description="the photos to group, base64")
+
+
 class CollectionCreate(_Strict):
     name: str = Field(min_length=1, max_length=200, description="unique collection name")
 
@@ -216,6 +236,47 @@ class EnrollResponse(_Answer):
     images: list[EnrollOutcomeOut]
 
 
+class ClusteredFaceOut(BaseModel):
+    image: int = Field(description="index of the image in the request")
+    face: int = Field(description="index of the face within its image")
+    box: IntBox
+    cluster: int = Field(description="the face's cluster; -1: it fits none")
+    score: float | None = Field(description="mean cosine to the other members of its "
+                                            "cluster; null when alone")
+
+
+class ClusterOut(BaseModel):
+    cluster: int
+    faces: list[int] = Field(description="indices into 'faces'")
+
+
+class ClusterImageProblem(BaseModel):
+    image: int
+    problem: str
+    detail: str
+
+
+class ClusterOptionsOut(BaseModel):
+    far: float
+    method: str
+    linkage: str
+    min_size: int
+    neighbours: int
+
+
+class ClusterResponse(_Answer):
+    faces: list[ClusteredFaceOut]
+    clusters: list[ClusterOut] = Field(description="biggest first")
+    unclustered: list[int] = Field(description="indices into 'faces' of faces in no cluster")
+    problems: list[ClusterImageProblem] = Field(description="images that gave no face")
+    threshold: ThresholdOut
+    options: ClusterOptionsOut
+    refused_merges: int = Field(description="merges refused because they would put two "
+                                            "faces of one image together (agglomerative)")
+    split_clusters: int = Field(description="HDBSCAN clusters split for holding two faces "
+                                            "of one image")
+
+
 class CollectionOut(BaseModel):
     id: int
     name: str
@@ -326,6 +387,13 @@ def form_schema(model: type[BaseModel], files: dict[str, bool]) -> dict[str, Any
 
 __all__ = [
     "CandidateOut",
+    "ClusterImageProblem",
+    "ClusterOptions",
+    "ClusterOptionsOut",
+    "ClusterOut",
+    "ClusterRequest",
+    "ClusterResponse",
+    "ClusteredFaceOut",
     "CollectionCreate",
     "CollectionOut",
     "CollectionPage",

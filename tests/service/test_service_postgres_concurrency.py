@@ -20,7 +20,6 @@ import httpx
 import pytest
 from service_helpers import Server, assert_same, start_servers
 
-from facemetric.gallery.postgres import PostgresGallery
 from facemetric.recognizer import Recognizer
 from facemetric.service.keys import KeyStore
 
@@ -61,6 +60,8 @@ def test_32_clients_on_two_workers_sharing_postgresql(pg_url, service_model, tmp
 
 def _run(servers: list[Server], key: str, pg_url: str, model: Path,
          people: dict[str, list[bytes]]) -> None:
+    from facemetric.gallery.postgres import PostgresGallery  # needs psycopg: not at import
+
     headers = {"X-API-Key": key}
     pids = {httpx.get(f"{s.url}/v1/health", timeout=30).json()["worker"] for s in servers}
     assert len(pids) == 2

@@ -255,7 +255,8 @@ def create_app(settings: ServiceSettings, *, store: GalleryStore | None = None,
     @router.get("/health", response_model=S.HealthResponse, tags=["service"])
     def health() -> dict[str, Any]:
         """Liveness and what this worker serves: the model contract, the calibrated FARs,
-        the gallery's size, the limits. Needs no key."""
+        the gallery's size, the limits, the presentation-attack detector's threshold.
+        Needs no key."""
         table = eng.encoder.thresholds
         return {
             "status": "ok",

@@ -22,8 +22,13 @@ def _severities(args: argparse.Namespace) -> dict[str, tuple[float, ...]]:
 def _cmd_robustness(args: argparse.Namespace) -> int:
     import torch
 
-    from facemetric.experiments.robustness import run_robustness
+    from facemetric.experiments.robustness import merge_reports, run_robustness
 
+    if args.merge:
+        merged = merge_reports(args.models, args.out)
+        print(merged.table())
+        print(f"report: {merged.files['report']}")
+        return 0
     torch.set_num_threads(min(torch.get_num_threads(), args.threads))
     data = args.data or os.environ.get("FACEMETRIC_DATA")
     if not data:
@@ -44,7 +49,11 @@ def add_robustness_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("robustness", help="verification accuracy against degradation severity "
                                           "(blur, resolution, JPEG, light, occlusion, rotation)")
     p.add_argument("models", nargs="+",
-                   help="training run folders, checkpoint_*.pt, exported .onnx files, or 'dlib'")
+                   help="training run folders, checkpoint_*.pt, exported .onnx files, or "
+                        "'dlib' (with --merge: report folders)")
+    p.add_argument("--merge", action="store_true",
+                   help="the arguments are report folders of runs on the same protocol, "
+                        "pairs and seed: draw their models on shared plots in --out")
     p.add_argument("--protocol", choices=("lfw-devtest", "cfp-ff", "cfp-fp"),
                    default="lfw-devtest")
     p.add_argument("--data", help="folder holding lfw/ and cfp/ (default $FACEMETRIC_DATA)")

@@ -559,10 +559,13 @@ def _plot(path: Path, name: str, rows: Sequence[Row], labels: Sequence[str],
                               (fig.add_subplot(1, 2, 2), "tar", f"TAR @ FAR = {far}")):
         for label in labels:
             mine = [r for r in rows if r.model == label]
+            at = {r.severity: r for r in mine if r.degradation == name}
+            if not at:
+                continue  # this model was not measured on this degradation
             clean = next(r for r in mine if r.degradation == "clean")
-            points = [clean] + [next(r for r in mine if r.degradation == name
-                                     and r.severity == float(s)) for s in sevs]
-            ys = [100 * (r.accuracy if metric == "accuracy" else (r.tar[far] or np.nan))
+            points = [clean] + [at.get(float(s)) for s in sevs]
+            ys = [np.nan if r is None else
+                  100 * (r.accuracy if metric == "accuracy" else (r.tar.get(far) or np.nan))
                   for r in points]
             ax.plot(x, ys, marker="o", label=label)
         ax.set_xticks(x, ticks)
@@ -620,15 +623,15 @@ def write_report(
     labels: Sequence[str],
     severities: Mapping[str, Sequence[float]],
     fars: Sequence[float],
-    examples: Mapping[str, Sequence[np.ndarray]],
-    clean_example: np.ndarray,
+    examples: Mapping[str, Sequence[np.ndarray]] | None,
+    clean_example: np.ndarray | None,
     *,
     seed: int,
     detect: bool,
     models: Mapping[str, str],
 ) -> dict[str, Path]:
     """``report.md``, ``metrics.json``, ``metrics.csv``, one PNG per degradation and
-    ``examples.png`` in ``out``."""
+    ``examples.png`` (when ``examples`` are given) in ``out``."""
     files: dict[str, Path] = {}
     flat = [r.flat() for r in result.rows]
     buf = io.StringIO()
@@ -648,7 +651,9 @@ def write_report(
     for name, sevs in severities.items():
         files[name] = _plot(out / f"{name}.png", name, result.rows, labels, sevs, plot_far,
                             result.protocol)
-    files["examples"] = _examples_png(out / "examples.png", examples, clean_example, severities)
+    if examples and clean_example is not None:
+        files["examples"] = _examples_png(out / "examples.png", examples, clean_example,
+                                          severities)
 
     far_keys = [_far_key(f) for f in fars]
     lines = [
@@ -678,7 +683,7 @@ def write_report(
             f"{r.detection_failures}/{r.detection_checked}"
         lines.append(f"| {r.model} | {r.degradation} | {sev} | {_pct(r.accuracy)} | "
                      f"{_pct(r.accuracy_std)} | {r.auc:.4f} | "
-                     + " | ".join(_pct(r.tar[k]) for k in far_keys) + f" | {det} |")
+                     + " | ".join(_pct(r.tar.get(k)) for k in far_keys) + f" | {det} |")
     unres = [k for k in far_keys if k not in resolvable]
     if unres:
         lines += ["", f"TAR at FAR {', '.join(unres)} is unresolvable with "
@@ -688,10 +693,70 @@ def write_report(
               f"{CLEAN_SEVERITY[k]:g}){' — camera: before alignment' if k in CAMERA else ''}"
               for k, v in severities.items()]
     lines += ["", "Curves:", ""] + [f"![{k}]({k}.png)" for k in severities]
-    lines += ["", "One degraded face per severity (ArcFace crop):", "", "![examples](examples.png)",
-              "", f"Wall time {result.seconds / 60:.1f} min."]
+    if "examples" in files:
+        lines += ["", "One degraded face per severity (ArcFace crop):", "",
+                  "![examples](examples.png)"]
+    lines += ["", f"Wall time {result.seconds / 60:.1f} min."]
     files["report"] = atomic_write_bytes(out / "report.md", ("\n".join(lines) + "\n").encode())
     return files
+
+
+def _row_from(flat: Mapping[str, Any]) -> Row:
+    tar = {k[len("tar@far="):]: v for k, v in flat.items() if k.startswith("tar@far=")}
+    severity = float("nan") if flat["severity"] is None else float(flat["severity"])
+    return Row(flat["model"], flat["degradation"], severity, flat["accuracy"],
+               flat["accuracy_std"], flat["auc"], tar, flat["pairs"],
+               flat["detection_failures"], flat["detection_checked"])
+
+
+def merge_reports(folders: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str]
+                  ) -> RobustnessResult:
+    """One report from several runs' ``metrics.json`` (e.g. a slow model measured on fewer
+    degradations in a run of its own): their curves share the plots.
+
+    The runs must agree on protocol, pairs and seed — then their degraded photos are the
+    same pixels (module docstring) and the lines are comparable. A model label met twice
+    keeps its first run's rows.
+
+    Raises:
+        ValueError: runs that disagree on protocol, pairs or seed; no folders.
+        FileNotFoundError: a folder without ``metrics.json``.
+    """
+    if not folders:
+        raise ValueError("give at least one report folder to merge")
+    metas = []
+    for folder in folders:
+        path = Path(folder) / "metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no {path}: merge folders written by facemetric robustness")
+        metas.append(json.loads(path.read_text(encoding="utf-8")))
+    keys = {(m["protocol"], m["pairs"], m["seed"]) for m in metas}
+    if len(keys) != 1:
+        raise ValueError(f"these runs measured different pairs (protocol, pairs, seed): "
+                         f"{sorted(keys)}; only runs on the same pairs can share a plot")
+    rows: list[Row] = []
+    labels: list[str] = []
+    models: dict[str, str] = {}
+    severities: dict[str, list[float]] = {}
+    fars: list[float] = []
+    for meta in metas:
+        mine = [_row_from(r) for r in meta["rows"] if r["model"] not in labels]
+        new = sorted({r.model for r in mine}, key=[r.model for r in mine].index)
+        rows += mine
+        labels += new
+        models.update({k: v for k, v in meta["models"].items() if k in new})
+        for name, sevs in meta["severities"].items():
+            have = severities.setdefault(name, [])
+            have += [float(v) for v in sevs if float(v) not in have]
+        fars += [float(f) for f in meta["fars"] if float(f) not in fars]
+    protocol, pairs, seed = keys.pop()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = RobustnessResult(protocol, pairs, rows, seconds=sum(m["seconds"] for m in metas),
+                              clean_detection_failures=metas[0]["clean_detection_failures"])
+    result.files = write_report(result, out, labels, severities, fars, None, None, seed=seed,
+                                detect=any(m["detect"] for m in metas), models=models)
+    return result
 
 
 __all__ = [
@@ -707,6 +772,7 @@ __all__ = [
     "face_geometry",
     "find_landmarks",
     "load_pairs",
+    "merge_reports",
     "model_label",
     "named_models",
     "run_robustness",

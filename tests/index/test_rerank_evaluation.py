@@ -1,6 +1,7 @@
-"""The evaluator with retrieval post-processing: mAP against scikit-learn, and P@1, MAP@R
-and mAP after re-ranking against a per-query loop (cosine shortlist → loop re-ranking from
-``rerank_reference`` → the rest by cosine → metrics by explicit sums)."""
+"""The evaluator with retrieval post-processing: mAP against scikit-learn, and P@1, MAP@R,
+mAP, CMC ranks and open-set scores after re-ranking against a per-query loop (cosine
+shortlist → loop re-ranking from ``rerank_reference`` → the rest by cosine → metrics by
+explicit sums)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ import torch
 from rerank_reference import alpha_qe, dba, k_reciprocal, unit
 from sklearn.metrics import average_precision_score
 
-from facemetric.evaluation import mean_average_precision, retrieval_metrics
+from facemetric.evaluation import (
+    cmc_curve,
+    mean_average_precision,
+    open_set_identification,
+    retrieval_metrics,
+)
 from facemetric.index import (
     AlphaQueryExpansion,
     DatabaseAugmentation,
@@ -144,3 +150,35 @@ def test_evaluator_refuses_what_would_leak_or_mislead():
                                postprocess=PostProcessing((AlphaQueryExpansion(),)))
     with pytest.raises(ValueError, match="no query"):
         mean_average_precision(np.eye(3), [0, 1, 2])
+
+
+def test_cmc_and_open_set_after_re_ranking_match_the_loop():
+    queries, q_labels, refs, ref_labels = _sets(5)
+    pp = PostProcessing((KReciprocalReranking(6, 3, 0.3),), shortlist_size=15)
+    qn, rn = unit(queries), unit(refs)
+    identities = sorted(set(ref_labels.tolist()))
+    ranks, tops, hits = [], [], []
+    for i in range(len(qn)):
+        by_cos = sorted(range(len(rn)), key=lambda j: -float(qn[i] @ rn[j]))
+        d = k_reciprocal(queries[i], refs, by_cos[:15], 6, 3, 0.3)
+        listed = list(dict.fromkeys(int(ref_labels[j]) for j in sorted(by_cos[:15],
+                                                                       key=d.__getitem__)))
+        best = {c: max(float(qn[i] @ rn[j]) for j in range(len(rn)) if ref_labels[j] == c)
+                for c in identities}
+        rest = sorted((c for c in identities if c not in listed), key=lambda c: -best[c])
+        order = listed + rest
+        tops.append(best[order[0]])
+        if q_labels[i] in best:
+            ranks.append(order.index(int(q_labels[i])) + 1)
+            if ranks[-1] == 1:
+                hits.append(best[order[0]])
+    mated = np.isin(q_labels, ref_labels)
+    cmc = cmc_curve(refs, ref_labels, queries[mated], q_labels[mated], postprocess=pp)
+    assert cmc.probe_ranks.tolist() == ranks
+    plain = cmc_curve(refs, ref_labels, queries[mated], q_labels[mated])
+    assert plain.probe_ranks.tolist() != ranks  # the re-ranking moved someone
+    res = open_set_identification(refs, ref_labels, queries, q_labels, postprocess=pp,
+                                  fpir_targets=(0.5,))
+    assert res.rank1_rate == pytest.approx(np.mean(np.array(ranks) == 1))
+    expected = np.unique(np.r_[np.array(tops)[~mated], hits])[::-1]
+    np.testing.assert_allclose(res.curve_thresholds, expected, atol=1e-6)

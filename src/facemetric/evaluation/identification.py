@@ -15,6 +15,15 @@ true identity (its own included): ties are broken **against** the probe, so dege
 embeddings (all scores equal) get the worst rank, not rank 1. ``CMC(r)`` is the fraction of
 probes of rank ≤ r, for ``r = 1..num_identities``. Every probe must be enrolled.
 
+Post-processing (``postprocess=``, a :class:`facemetric.index.PostProcessing`)
+--------------------------------------------------------------------------------
+Each probe's ``shortlist_size`` best gallery images by cosine are reordered (query
+expansion, database-side augmentation, k-reciprocal re-ranking); identities are ranked by
+their first image in that order, and identities with no image in the shortlist follow,
+ranked by score as above. An identity's *score* stays its best-image cosine, so the
+open-set top score is the cosine of the re-ranked first identity (the threshold keeps its
+meaning). It needs ``normalize=True``.
+
 Open set: DIR at FPIR (Grother et al., NIST FRVT / ISO/IEC 19795-1)
 -------------------------------------------------------------------
 Mated probes have an enrolled identity; non-mated probes must be rejected. With a threshold
@@ -32,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,6 +53,9 @@ from facemetric.evaluation._arrays import (
     rows_per_block,
     to_numpy,
 )
+
+if TYPE_CHECKING:
+    from facemetric.index.rerank import PostProcessing
 
 DEFAULT_FPIR_TARGETS: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
 _DEFAULT_BLOCK_BYTES = 256 * 2**20
@@ -93,8 +105,39 @@ def _identity_scores(gal: _Gallery, probes: Tensor) -> Tensor:
     return out.scatter_reduce_(1, index, sims, reduce="amax")
 
 
+def _check_postprocess(postprocess: PostProcessing | None, normalize: bool) -> None:
+    if postprocess is not None and not postprocess.identity and not normalize:
+        raise ValueError("post-processing works on cosines: use normalize=True")
+
+
+def _reranked(gal: _Gallery, probes: Tensor, scores: Tensor, own: Tensor,
+              postprocess: PostProcessing, database: Any) -> tuple[Tensor, Tensor]:
+    """Rank (1-based) of each probe's identity ``own (c,)`` and the cosine of its first
+    identity, identities ordered by their first image in the post-processed shortlist, the
+    rest after them by ``scores (c, I)`` (pessimistic ties)."""
+    from facemetric.index.rerank import Shortlist
+    from facemetric.index.templates import first_distinct
+
+    sims = (probes @ gal.embeddings.T).to(torch.float32)
+    width = min(postprocess.shortlist_size, sims.shape[1])
+    cos, rows = sims.topk(width, dim=1, sorted=True)
+    refined = postprocess.apply(probes, Shortlist(rows, cos.clone(), cos), database)
+    ident = gal.identity_of[refined.rows]
+    _, order, found = first_distinct(torch.zeros(ident.shape), ident, width)
+    at = (order == own.unsqueeze(1))
+    listed = at.any(dim=1)
+    position = at.to(torch.int64).argmax(dim=1) + 1
+    in_list = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, ident, True)
+    own_score = scores.gather(1, own.unsqueeze(1))
+    behind = ((scores >= own_score) & ~in_list).sum(dim=1)
+    rank = torch.where(listed, position, found + behind)
+    top = scores.gather(1, order[:, :1].clamp_min(0)).squeeze(1)
+    return rank, top
+
+
 def _rank_and_scores(
-    gal: _Gallery, probes: Tensor, probe_identity: np.ndarray, max_block_bytes: int
+    gal: _Gallery, probes: Tensor, probe_identity: np.ndarray, max_block_bytes: int,
+    postprocess: PostProcessing | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per probe: pessimistic rank of its identity (0 if not enrolled), its identity's score
     (``-inf`` if not enrolled) and its top score over all identities."""
@@ -105,17 +148,28 @@ def _rank_and_scores(
     true_scores = np.full(n, -np.inf)
     top_scores = np.empty(n)
     pid = torch.from_numpy(probe_identity)
+    database = None
+    if postprocess is not None and not postprocess.identity:
+        from facemetric.index.rerank import MatrixDatabase
+
+        database = MatrixDatabase(gal.embeddings.to(torch.float32),
+                                  max_block_bytes=postprocess.max_block_bytes)
     for start in range(0, n, step):
         scores = _identity_scores(gal, probes[start : start + step])
         ids = pid[start : start + step]
         mated = ids >= 0
         own = scores.gather(1, ids.clamp_min(0).unsqueeze(1))  # (c, 1)
-        rank = (scores >= own).sum(dim=1)
+        if database is None or postprocess is None:
+            rank = (scores >= own).sum(dim=1)
+            top = scores.max(dim=1).values
+        else:
+            rank, top = _reranked(gal, probes[start : start + step], scores,
+                                  ids.clamp_min(0), postprocess, database)
         ranks[start : start + step] = torch.where(mated, rank, 0).numpy()
         true_scores[start : start + step] = (
             torch.where(mated, own.squeeze(1), -torch.inf).double().numpy()
         )
-        top_scores[start : start + step] = scores.max(dim=1).values.double().numpy()
+        top_scores[start : start + step] = top.double().numpy()
     return ranks, true_scores, top_scores
 
 
@@ -157,13 +211,16 @@ def cmc_curve(
     *,
     normalize: bool = True,
     max_block_bytes: int = _DEFAULT_BLOCK_BYTES,
+    postprocess: PostProcessing | None = None,
 ) -> CMCCurve:
     """Closed-set CMC of probes ``(P, D)`` against a gallery ``(G, D)``.
 
     Every probe label must occur in ``gallery_labels`` (filter probes first, or use
     ``open_set_identification`` when some identities are unknown). Identity score = max over
     that identity's gallery images; ties count against the probe (module docstring).
+    ``postprocess`` reorders each probe's shortlist first (module docstring).
     """
+    _check_postprocess(postprocess, normalize)
     gal, p, probe_identity = _prepare(gallery, gallery_labels, probes, probe_labels, normalize)
     if (probe_identity < 0).any():
         missing = int((probe_identity < 0).sum())
@@ -171,7 +228,7 @@ def cmc_curve(
             f"{missing} of {probe_identity.shape[0]} probes have no identity in the gallery; "
             "a closed-set CMC needs every probe enrolled (see open_set_identification)"
         )
-    ranks, _, _ = _rank_and_scores(gal, p, probe_identity, max_block_bytes)
+    ranks, _, _ = _rank_and_scores(gal, p, probe_identity, max_block_bytes, postprocess)
     num_ids = gal.identities.shape[0]
     counts = np.bincount(ranks, minlength=num_ids + 1)[1:]
     return CMCCurve(curve=np.cumsum(counts) / ranks.shape[0], probe_ranks=ranks)
@@ -207,9 +264,12 @@ def open_set_identification(
     *,
     normalize: bool = True,
     max_block_bytes: int = _DEFAULT_BLOCK_BYTES,
+    postprocess: PostProcessing | None = None,
 ) -> OpenSetResult:
     """Open-set DIR (rank 1) at target FPIRs; probes whose label is not in the gallery are
-    the non-mated ones. Needs at least one mated and one non-mated probe."""
+    the non-mated ones. Needs at least one mated and one non-mated probe. ``postprocess``
+    reorders each probe's shortlist; the scores stay cosines (module docstring)."""
+    _check_postprocess(postprocess, normalize)
     gal, p, probe_identity = _prepare(gallery, gallery_labels, probes, probe_labels, normalize)
     mated = probe_identity >= 0
     num_mated, num_nonmated = int(mated.sum()), int((~mated).sum())
@@ -218,7 +278,8 @@ def open_set_identification(
             f"open-set identification needs mated and non-mated probes, got {num_mated} mated "
             f"and {num_nonmated} non-mated"
         )
-    ranks, true_scores, top_scores = _rank_and_scores(gal, p, probe_identity, max_block_bytes)
+    ranks, true_scores, top_scores = _rank_and_scores(gal, p, probe_identity, max_block_bytes,
+                                                      postprocess)
     hit_scores = np.sort(true_scores[mated & (ranks == 1)])  # ascending
     nonmated_top = np.sort(top_scores[~mated])  # ascending
 

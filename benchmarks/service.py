@@ -122,6 +122,16 @@ def throwaway_postgres() -> Iterator[str]:
         cluster.stop()
 
 
+def open_store(gallery: str) -> Any:
+    """The gallery to fill: SQLite without an fsync per transaction (``synchronous=NORMAL``:
+    the benchmark does not cut the power), or the PostgreSQL URL's store."""
+    from facemetric.gallery import SQLiteGallery
+    from facemetric.service.settings import is_postgres_url, open_gallery
+
+    return open_gallery(gallery) if is_postgres_url(gallery) else SQLiteGallery(
+        Path(gallery), synchronous="NORMAL")
+
+
 def synthetic_thresholds(model: str, out: Path) -> tuple[Path, Any]:
     from facemetric.inference import ThresholdTable, load_model
     from facemetric.inference.calibration import CalibrationEntry
@@ -304,9 +314,7 @@ def main() -> None:
                 gallery = str(tmp / "gallery.db")
             else:
                 gallery = args.postgres or stack.enter_context(throwaway_postgres())
-            from facemetric.service.settings import open_gallery
-
-            with contextlib.closing(open_gallery(gallery)) as store:
+            with contextlib.closing(open_store(gallery)) as store:
                 for size in sizes:
                     took = fill_gallery(store, contract, size)
                     fills.append({"backend": backend, "templates": size, "seconds": took})

@@ -115,3 +115,25 @@ def test_bad_input_is_refused_with_a_reason():
         constrained_agglomerative(x, 0.5, photos=[1, 1, 2], groups=[0, 0, -1])
     with pytest.raises(ValueError, match="cosine"):
         constrained_agglomerative(x, 1.5)
+
+
+@pytest.mark.parametrize("linkage", ["average", "single", "complete"])
+def test_heap_compaction_changes_nothing(linkage, monkeypatch):
+    from facemetric.clustering import graph
+
+    x = _blobs(11, 40, centres=3, spread=0.5)
+    photos = np.random.default_rng(11).integers(0, 25, 40)
+    want = constrained_agglomerative(x, 0.2, linkage=linkage, photos=photos, neighbours=39)
+    calls = []
+    original = graph._MergeLoop._compact
+
+    def counting(self):
+        calls.append(len(self.heap))
+        original(self)
+
+    monkeypatch.setattr(graph._MergeLoop, "_compact_limit", lambda self: len(self.heap) + 3)
+    monkeypatch.setattr(graph._MergeLoop, "_compact", counting)
+    got = constrained_agglomerative(x, 0.2, linkage=linkage, photos=photos, neighbours=39)
+    assert calls  # compaction did run
+    assert partition(got.labels) == partition(want.labels)
+    assert partition(got.labels) == set(greedy_reference(x, 0.2, linkage, photos.tolist()))

@@ -117,12 +117,8 @@ def test_kill_9_during_enrollments(service_model, tmp_path, lfw_people):
     srv.args = ["--workers", "2"]
     srv.start()
     try:
-        pids = set()
-        for _ in range(60):  # a new connection each time: the kernel picks the worker
-            pids.add(httpx.get(f"{srv.url}/v1/health", timeout=30).json()["worker"])
-            if len(pids) == 2:
-                break
-        assert len(pids) == 2, pids
+        workers = srv.worker_pids()  # the first answered; wait for the other one too
+        assert len(workers) == 2 and _answering_workers(srv, workers) == workers, workers
         with httpx.Client(base_url=srv.url, timeout=30) as c:
             col = c.get("/v1/collections/crash", headers=headers).json()
             assert col["face_count"] == sum(stored.values())

@@ -48,6 +48,7 @@ from facemetric.inference.calibration import threshold_at_far
 
 FARS = (1e-3, 1e-4, 1e-5)
 SETS = ("lfw", "cfp")
+MODELS: tuple[str, ...] | None = None  # None: every model with cached embeddings
 
 
 def load(cache: Path, model: str, name: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -65,7 +66,7 @@ def load(cache: Path, model: str, name: str, limit: int | None) -> tuple[np.ndar
 
 def calibration(cache: Path, model: str) -> np.ndarray | None:
     path = cache / f"{model}_devtrain.npz"
-    if not path.exists():
+    if not path.exists() or (MODELS is not None and model not in MODELS):
         return None
     x, y = load(cache, model, "devtrain", None)
     return impostor_scores(x, y)
@@ -328,6 +329,35 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
               f"{r['bcubed_f']:.3f} NMI {r['nmi']:.3f} ({r['seconds']:.1f} s)")
 
 
+def markdown(files: list[Path]) -> str:
+    """The tables of docs/benchmarks.md from result files."""
+    out = ["| model | set | FAR | threshold | method | clusters | pairwise P / R / F | BCubed F "
+           "| NMI | s |", "|---|---|---:|---:|---|---:|---|---:|---:|---:|"]
+    cannot = ["| model | FAR | method | same-photo pairs merged, plain → constrained | "
+              "pairwise F plain → constrained | BCubed F plain → constrained |",
+              "|---|---:|---|---|---|---|"]
+    inc = ["| model | linkage | new faces joined | pairwise F all at once / incremental | "
+           "BCubed F all at once / incremental |", "|---|---|---:|---|---|"]
+    for f in files:
+        d = json.loads(f.read_text())
+        for r in d.get("quality", []):
+            out.append(f"| {r['model']} | {r['set']} | {r['far']:g} | {r['threshold']:.4f} | "
+                       f"{r['method']} | {r['clusters']} | {r['pair_p']:.3f} / "
+                       f"{r['pair_r']:.3f} / {r['pair_f']:.3f} | {r['bcubed_f']:.3f} | "
+                       f"{r['nmi']:.3f} | {r['seconds']:.1f} |")
+        for r in d.get("cannot_link", []):
+            cannot.append(f"| {r['model']} | {r['far']:g} | {r['method']} | "
+                          f"{r['violations_plain']} → {r['violations_constrained']} | "
+                          f"{r['plain']['pair_f']:.3f} → {r['constrained']['pair_f']:.3f} | "
+                          f"{r['plain']['bcubed_f']:.3f} → {r['constrained']['bcubed_f']:.3f} |")
+        for r in d.get("incremental", []):
+            inc.append(f"| {r['model']} | {r['linkage']} | {r['assigned']} / {r['added']} | "
+                       f"{r['all_at_once']['pair_f']:.3f} / {r['incremental']['pair_f']:.3f} | "
+                       f"{r['all_at_once']['bcubed_f']:.3f} / "
+                       f"{r['incremental']['bcubed_f']:.3f} |")
+    return "\n".join([*out, "", *cannot, "", *inc])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cache", type=Path, default=Path("cache/clustering"))
@@ -336,9 +366,19 @@ def main() -> None:
     ap.add_argument("--parts", default="quality,cannot,incremental,scale")
     ap.add_argument("--scale-faces", type=int, default=100_000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models", default=None, help="comma-separated (default: every cached)")
+    ap.add_argument("--sets", default="lfw,cfp", help="which sets the quality part covers")
+    ap.add_argument("--table", type=Path, nargs="+", help="print markdown tables of these "
+                    "result files and exit")
     args = ap.parse_args()
+    if args.table:
+        print(markdown(args.table))
+        return
     torch.set_num_threads(args.threads)
     limit = 1000 if args.quick else None
+    global MODELS, SETS
+    MODELS = None if args.models is None else tuple(args.models.split(","))
+    SETS = tuple(args.sets.split(","))
     parts = args.parts.split(",")
     result: dict[str, Any] = {"quick": args.quick}
     if "quality" in parts:
@@ -350,7 +390,8 @@ def main() -> None:
     if "scale" in parts:
         result["scale"] = scale(args.cache, 10_000 if args.quick else args.scale_faces)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "results_quick.json" if args.quick else f"results_{'_'.join(parts)}.json"
+    tag = "_".join(parts) + ("" if MODELS is None else "_" + "_".join(MODELS))
+    name = "results_quick.json" if args.quick else f"results_{tag}.json"
     (args.out / name).write_text(json.dumps(result, indent=1, default=float))
     print(f"wrote {args.out / name}")
 

@@ -30,6 +30,7 @@ def _settings(args: argparse.Namespace) -> Any:
         max_request_bytes=int(args.max_request_mb * 1024 * 1024),
         max_images=args.max_images,
         max_inflight=args.max_inflight,
+        max_threads=args.max_threads,
         micro_batch=args.micro_batch,
         batch_max_faces=args.batch_max_faces,
         batch_wait_ms=args.batch_wait_ms,
@@ -145,6 +146,9 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--max-images", type=int, default=10, help="most images per request")
     sv.add_argument("--max-inflight", type=int, default=8,
                     help="image requests a worker processes at once (the rest wait)")
+    sv.add_argument("--max-threads", type=int, default=16,
+                    help="handler threads per worker; with PostgreSQL also its most "
+                         "connections (plus one)")
     sv.add_argument("--micro-batch", action=argparse.BooleanOptionalAction, default=False,
                     help="embed concurrent requests' faces in one forward pass "
                          "(see docs/service.md for when it helps)")

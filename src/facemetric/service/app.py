@@ -36,14 +36,17 @@ with 422 ``nothing_enrolled`` only when no image was accepted.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
 
+from anyio import to_thread
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -184,6 +187,8 @@ def create_app(settings: ServiceSettings, *, store: GalleryStore | None = None,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # the event loop's thread pool (every sync handler and image request runs there)
+        to_thread.current_default_thread_limiter().total_tokens = settings.max_threads
         yield
         eng.close()
 
@@ -243,8 +248,17 @@ def create_app(settings: ServiceSettings, *, store: GalleryStore | None = None,
 
     Key = Depends(authenticate)
 
+    admission = asyncio.Semaphore(settings.max_inflight)
+
     async def images(request: Request, work: Callable[[], _T]) -> _T:
-        result, timings = await run_in_threadpool(eng.run_images, work)
+        """Run an image request's ``work`` once one of ``max_inflight`` slots is free —
+        waiting without holding a thread, so the thread pool (``max_threads``) stays free
+        for quick handlers; the waits for the slot and for a thread count as ``admit``."""
+        start = time.perf_counter()
+        async with admission:
+            handed = time.perf_counter()
+            result, timings = await run_in_threadpool(eng.run_images, work, handed)
+        timings["admit"] = timings.get("admit", 0.0) + (handed - start)
         request.scope[TIMING_KEY] = timings
         return result
 

@@ -181,14 +181,16 @@ class ServiceEngine:
 
     # ------------------------------------------------------------------ image work
 
-    def run_images(self, work: Callable[[], _T]) -> tuple[_T, dict[str, float]]:
+    def run_images(self, work: Callable[[], _T], submitted: float | None = None
+                   ) -> tuple[_T, dict[str, float]]:
         """Run ``work`` (in the calling worker thread) with at most ``max_inflight`` image
         requests at once; returns its result and the request's phase timings in seconds:
-        ``admit`` (waiting for a slot), ``engine`` (the recognizer call, which includes
-        ``queue`` — waiting for the detector or the network —, ``detect``, ``embed`` and
-        ``search``)."""
+        ``admit`` (waiting for a slot — and for a thread, from ``submitted``, the
+        ``time.perf_counter()`` at which the caller handed the work to the thread pool),
+        ``engine`` (the recognizer call, which includes ``queue`` — waiting for the
+        detector or the network —, ``detect``, ``embed`` and ``search``)."""
         reset_timings()
-        start = time.perf_counter()
+        start = time.perf_counter() if submitted is None else submitted
         with self._inflight:
             add_time("admit", time.perf_counter() - start)
             with timed("engine"):

@@ -39,6 +39,9 @@ class ServiceSettings:
         max_images: most images in one request.
         max_inflight: most requests of one worker decoding and embedding images at the same
             time (the others wait): bounds memory, since each holds its decoded images.
+        max_threads: the worker's handler threads (the size of its thread pool); requests
+            beyond it wait without a thread. Each thread that touches a PostgreSQL gallery
+            keeps one connection, so this bounds a worker's connections (plus one).
         micro_batch: embed the faces of concurrent requests in one forward pass.
         batch_max_faces: most faces in one micro-batched forward pass.
         batch_wait_ms: how long the first request of a batch waits for others (0: batch only
@@ -58,6 +61,7 @@ class ServiceSettings:
     max_request_bytes: int = 20 * 1024 * 1024
     max_images: int = 10
     max_inflight: int = 8
+    max_threads: int = 16
     micro_batch: bool = False
     batch_max_faces: int = 64
     batch_wait_ms: float = 0.0
@@ -68,7 +72,7 @@ class ServiceSettings:
         if self.person_score not in ("max", "mean"):
             raise ValueError(f"person_score must be 'max' or 'mean', got {self.person_score!r}")
         for name in ("min_face_size", "max_pixels", "max_request_bytes", "max_images",
-                     "max_inflight", "batch_max_faces"):
+                     "max_inflight", "max_threads", "batch_max_faces"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")

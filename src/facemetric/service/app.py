@@ -31,7 +31,6 @@ truncated, empty, too many pixels) are refused with 422 ``unreadable_image`` —
 either image is, identify and embed when every image is (embed reports the others per
 image) — except by enrollment, which answers per image (partial success, 201) and refuses
 with 422 ``nothing_enrolled`` only when no image was accepted.
-
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ checks it against torch on the same faces (max absolute difference of the unit r
 
 **eval** — the same calls ``make demo`` makes (``facemetric.evaluation.run.evaluate``):
 pairsDevTest on the ``arcface112`` LFW faces (``<aligned>/lfw112``), CFP-FF and CFP-FP on
-``<aligned>/cfp112``; each report is written under ``<student>/../eval_*``.
+``<aligned>/cfp112``; the reports go to ``--out`` (default ``<run>_eval/`` beside the run).
 
 The script prints the load average: on a shared machine the numbers are not idle numbers.
 """
@@ -130,18 +130,22 @@ def cmd_eval(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     student = load_model(args.student)
-    out = Path(args.student).resolve()
-    out = out.parent if out.is_file() else out
+    if args.out is not None:
+        reports = Path(args.out)
+    else:
+        run = Path(args.student).resolve()
+        reports = (run.parent if run.is_file() else run).with_name(
+            f"{(run.parent if run.is_file() else run).name}_eval")
     results = {}
     lfw = evaluate(student, data_root=args.aligned / "lfw112",
                    pairs_file=args.lfw / "pairsDevTest.txt",
-                   out_dir=out.parent / f"{out.name}_eval_lfw_devtest")
+                   out_dir=reports / "lfw_devtest")
     results["LFW pairsDevTest"] = lfw.report
     if args.cfp is not None:
         for protocol in ("FF", "FP"):
             res = evaluate(student, data_root=args.aligned / "cfp112", cfp_root=args.cfp,
                            protocol=protocol,
-                           out_dir=out.parent / f"{out.name}_eval_cfp_{protocol.lower()}")
+                           out_dir=reports / f"cfp_{protocol.lower()}")
             results[f"CFP-{protocol}"] = res.report
     print(f"student {student.contract.describe()}")
     print(f"{'benchmark':<20}{'pairs':>7}{'accuracy':>18}{'AUC':>8}{'EER':>8}")
@@ -175,6 +179,8 @@ def main() -> None:
     ev.add_argument("--aligned", type=Path, default=Path("cache"),
                     help="holds lfw112/ and cfp112/ (made by make demo)")
     ev.add_argument("--threads", type=int, default=2)
+    ev.add_argument("--out", type=Path, default=None,
+                    help="report folder (default: <run>_eval beside the run)")
     ev.set_defaults(func=cmd_eval)
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     args = ap.parse_args()

@@ -551,12 +551,14 @@ def _plot(path: Path, name: str, rows: Sequence[Row], labels: Sequence[str],
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(10, 4), dpi=100)
+    fig = Figure(figsize=(14, 4), dpi=100)
     FigureCanvasAgg(fig)
     ticks = _axis(name, sevs)
     x = np.arange(len(ticks))
-    for ax, metric, title in ((fig.add_subplot(1, 2, 1), "accuracy", "accuracy (10-fold)"),
-                              (fig.add_subplot(1, 2, 2), "tar", f"TAR @ FAR = {far}")):
+    panels = (("accuracy", "accuracy (10-fold), %"), ("tar", f"TAR @ FAR = {far}, %"),
+              ("auc", "ROC AUC"))
+    for k, (metric, title) in enumerate(panels):
+        ax = fig.add_subplot(1, 3, k + 1)
         for label in labels:
             mine = [r for r in rows if r.model == label]
             at = {r.severity: r for r in mine if r.degradation == name}
@@ -564,13 +566,13 @@ def _plot(path: Path, name: str, rows: Sequence[Row], labels: Sequence[str],
                 continue  # this model was not measured on this degradation
             clean = next(r for r in mine if r.degradation == "clean")
             points = [clean] + [at.get(float(s)) for s in sevs]
-            ys = [np.nan if r is None else
-                  100 * (r.accuracy if metric == "accuracy" else (r.tar.get(far) or np.nan))
-                  for r in points]
+            ys = [np.nan if r is None else _metric(r, metric, far) for r in points]
             ax.plot(x, ys, marker="o", label=label)
+        if metric == "tar" and not any(r.tar.get(far) is not None for r in rows):
+            ax.text(0.5, 0.5, f"unresolvable: FAR {far} needs ≥ 1/FAR impostor pairs",
+                    ha="center", va="center", transform=ax.transAxes, fontsize=9)
         ax.set_xticks(x, ticks)
         ax.set_xlabel(f"{name} ({_UNITS[name]})")
-        ax.set_ylabel("%")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     fig.axes[0].legend(fontsize=8)
@@ -579,6 +581,13 @@ def _plot(path: Path, name: str, rows: Sequence[Row], labels: Sequence[str],
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def _metric(row: Row, metric: str, far: str) -> float:
+    if metric == "auc":
+        return row.auc
+    value = row.accuracy if metric == "accuracy" else row.tar.get(far)
+    return np.nan if value is None else 100 * value
 
 
 _UNITS = {

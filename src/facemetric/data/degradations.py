@@ -164,15 +164,18 @@ def downscale_and_back(image: np.ndarray, factor: float) -> np.ndarray:
 
 def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian blur with standard deviation ``sigma`` pixels, kernel radius ``⌈4σ⌉``,
-    reflected borders (``cv2.BORDER_REFLECT_101``); ``sigma = 0`` returns a copy."""
+    reflected borders (``cv2.BORDER_REFLECT_101``), computed in float32 and rounded;
+    ``sigma = 0`` returns a copy."""
     _check_image(image, "gaussian_blur")
     if not (math.isfinite(sigma) and sigma >= 0):
         raise ValueError(f"blur sigma must be >= 0 pixels, got {sigma}")
     if sigma == 0:
         return image.copy()
     side = 2 * math.ceil(4 * sigma) + 1
-    return cv2.GaussianBlur(image, (side, side), sigmaX=sigma, sigmaY=sigma,
-                            borderType=cv2.BORDER_REFLECT_101)
+    # in float32, rounded once (OpenCV's uint8 path is fixed point, off by up to ~2 levels)
+    out = cv2.GaussianBlur(image.astype(np.float32), (side, side), sigmaX=sigma, sigmaY=sigma,
+                           borderType=cv2.BORDER_REFLECT_101)
+    return _to_uint8(out)
 
 
 def jpeg(image: np.ndarray, quality: int) -> np.ndarray:

@@ -13,6 +13,9 @@ from typing import Any
 MODEL_HELP = "a training run folder, checkpoint_*.pt, an exported .onnx file, or 'dlib'"
 
 GALLERY_HELP = "an SQLite gallery file (created if missing) or a postgresql:// URL"
+WORKER_HEALTHCHECK_S = 60
+"""Seconds a worker may leave the supervisor's ping unanswered before it is replaced."""
+
 KEYS_HELP = "the API key file (default: beside an SQLite gallery, people.db → people.keys.db)"
 
 
@@ -74,9 +77,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 0
     # Several workers: each process imports the factory and builds its own app (and loads
     # its own model) from the settings in the environment.
+    # The supervisor pings each worker and replaces one that stays silent this long; a
+    # worker loading its model on a busy machine can hold the GIL for seconds (uvicorn's
+    # default of 5 s killed starting workers over and over at load average 20). A dead
+    # worker is still replaced at once: the ping is only for live, silent ones.
     os.environ[SETTINGS_ENV] = settings.to_json()
     uvicorn.run("facemetric.service.app:create_app_from_env", factory=True,
-                workers=args.workers, **common)
+                workers=args.workers, timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
+                **common)
     return 0
 
 

@@ -22,6 +22,7 @@ USERS = [
     "facemetric.service",
     "facemetric.pad",
     "facemetric.clustering",
+    "facemetric.distillation",
 ]
 
 

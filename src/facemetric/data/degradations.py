@@ -65,7 +65,8 @@ LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float64)
 MASK_COLOUR = (170, 205, 230)
 
 
-def _check_image(image: np.ndarray, who: str) -> None:
+def check_image(image: np.ndarray, who: str) -> None:
+    """Refuse anything but an ``(H, W, 3)`` uint8 array, naming ``who`` asked."""
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
         shape = getattr(image, "shape", None)
         raise ValueError(f"{who}: expected an (H, W, 3) array, got {type(image).__name__} {shape}")
@@ -73,7 +74,8 @@ def _check_image(image: np.ndarray, who: str) -> None:
         raise ValueError(f"{who}: expected a uint8 image, got {image.dtype}")
 
 
-def _to_uint8(x: np.ndarray) -> np.ndarray:
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """Round and clip to 0..255 as uint8."""
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
@@ -151,7 +153,7 @@ def downscale_and_back(image: np.ndarray, factor: float) -> np.ndarray:
 
     The small image is ``max(1, round(factor·H)) × max(1, round(factor·W))``.
     """
-    _check_image(image, "downscale_and_back")
+    check_image(image, "downscale_and_back")
     if not (0.0 < factor <= 1.0):
         raise ValueError(f"downscale factor must be in (0, 1], got {factor}")
     h, w = image.shape[:2]
@@ -166,7 +168,7 @@ def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     """Gaussian blur with standard deviation ``sigma`` pixels, kernel radius ``⌈4σ⌉``,
     reflected borders (``cv2.BORDER_REFLECT_101``), computed in float32 and rounded;
     ``sigma = 0`` returns a copy."""
-    _check_image(image, "gaussian_blur")
+    check_image(image, "gaussian_blur")
     if not (math.isfinite(sigma) and sigma >= 0):
         raise ValueError(f"blur sigma must be >= 0 pixels, got {sigma}")
     if sigma == 0:
@@ -175,7 +177,7 @@ def gaussian_blur(image: np.ndarray, sigma: float) -> np.ndarray:
     # in float32, rounded once (OpenCV's uint8 path is fixed point, off by up to ~2 levels)
     out = cv2.GaussianBlur(image.astype(np.float32), (side, side), sigmaX=sigma, sigmaY=sigma,
                            borderType=cv2.BORDER_REFLECT_101)
-    return _to_uint8(out)
+    return to_uint8(out)
 
 
 def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
@@ -183,7 +185,7 @@ def jpeg(image: np.ndarray, quality: int) -> np.ndarray:
     decode again. Deterministic: the same image and quality give the same bytes."""
     from PIL import Image
 
-    _check_image(image, "jpeg")
+    check_image(image, "jpeg")
     if not (isinstance(quality, int | np.integer) and 1 <= quality <= 95):
         raise ValueError(f"JPEG quality must be an integer in [1, 95], got {quality!r}")
     buffer = io.BytesIO()
@@ -274,8 +276,8 @@ class Brightness:
 
     def __call__(self, image: np.ndarray, face: FaceGeometry, rng: np.random.Generator
                  ) -> np.ndarray:
-        _check_image(image, "brightness")
-        return _to_uint8(image.astype(np.float64) * self.factor)
+        check_image(image, "brightness")
+        return to_uint8(image.astype(np.float64) * self.factor)
 
 
 @dataclass(frozen=True)
@@ -295,10 +297,10 @@ class Contrast:
 
     def __call__(self, image: np.ndarray, face: FaceGeometry, rng: np.random.Generator
                  ) -> np.ndarray:
-        _check_image(image, "contrast")
+        check_image(image, "contrast")
         x = image.astype(np.float64)
         mean = float((x @ LUMA).mean())
-        return _to_uint8(mean + self.factor * (x - mean))
+        return to_uint8(mean + self.factor * (x - mean))
 
 
 @dataclass(frozen=True)
@@ -318,8 +320,8 @@ class Gamma:
 
     def __call__(self, image: np.ndarray, face: FaceGeometry, rng: np.random.Generator
                  ) -> np.ndarray:
-        _check_image(image, "gamma")
-        table = _to_uint8(255.0 * (np.arange(256) / 255.0) ** self.gamma)
+        check_image(image, "gamma")
+        table = to_uint8(255.0 * (np.arange(256) / 255.0) ** self.gamma)
         return table[image]
 
 
@@ -331,7 +333,7 @@ def fill_rectangle(
 ) -> np.ndarray:
     """A copy with the pixels whose centres lie in ``box = (left, top, right, bottom)``
     (``left ≤ x + ½ < right``, same for y; clipped to the image) set to ``colour``."""
-    _check_image(image, "fill_rectangle")
+    check_image(image, "fill_rectangle")
     h, w = image.shape[:2]
     left, top, right, bottom = box
     x0 = min(w, max(0, math.ceil(left - 0.5)))
@@ -442,7 +444,7 @@ class Patches:
 def rotate_about(image: np.ndarray, centre: tuple[float, float], degrees: float) -> np.ndarray:
     """Rotate the image content by ``degrees`` counter-clockwise (as displayed, y down) about
     ``centre = (x, y)``; bilinear, reflected borders, same size."""
-    _check_image(image, "rotate_about")
+    check_image(image, "rotate_about")
     h, w = image.shape[:2]
     matrix = cv2.getRotationMatrix2D((float(centre[0]), float(centre[1])), float(degrees), 1.0)
     return cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_LINEAR,

@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from facemetric.data.degradations import check_image as _check_image
 from facemetric.data.degradations import downscale_and_back, jpeg
+from facemetric.data.degradations import to_uint8 as _to_uint8
 
 #: ITU-R BT.601 luma weights (R, G, B), as used for "grayscale" in most image libraries.
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -34,18 +36,6 @@ class Transform(Protocol):
     """``op(image, rng)``: an ``(H, W, 3)`` uint8 image and the generator to draw from."""
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> Any: ...
-
-
-def _check_image(image: np.ndarray, who: str) -> None:
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
-        shape = getattr(image, "shape", None)
-        raise ValueError(f"{who}: expected an (H, W, 3) array, got {type(image).__name__} {shape}")
-    if image.dtype != np.uint8:
-        raise ValueError(f"{who}: expected a uint8 image, got {image.dtype}")
-
-
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
 def _check_prob(p: float, name: str) -> float:

@@ -192,7 +192,7 @@ def test_objective_is_the_weighted_sum():
         arc, {"embedding": (3.0, EmbeddingDistillationLoss()),
               "rkd_angle": (2.0, RKDAngleLoss()), "unused": (0.0, SimilarityMatrixLoss())},
         label_weight=0.5)
-    got = float(objective(s, labels, t))
+    got = float(objective(s, labels, t).detach())
     want = (0.5 * float(arc(s, labels)) + 3.0 * ref_embedding(s, t, "cosine")
             + 2.0 * ref_rkd_angle(s, t))
     assert got == pytest.approx(want, rel=1e-5)

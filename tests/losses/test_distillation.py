@@ -193,7 +193,7 @@ def test_objective_is_the_weighted_sum():
               "rkd_angle": (2.0, RKDAngleLoss()), "unused": (0.0, SimilarityMatrixLoss())},
         label_weight=0.5)
     got = float(objective(s, labels, t).detach())
-    want = (0.5 * float(arc(s, labels)) + 3.0 * ref_embedding(s, t, "cosine")
+    want = (0.5 * float(arc(s, labels).detach()) + 3.0 * ref_embedding(s, t, "cosine")
             + 2.0 * ref_rkd_angle(s, t))
     assert got == pytest.approx(want, rel=1e-5)
     assert set(objective.last) == {"label", "embedding", "rkd_angle"}

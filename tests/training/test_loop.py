@@ -484,7 +484,7 @@ def test_cli_reports_a_diverged_run_in_one_sentence(monkeypatch, capsys, tmp_pat
     import facemetric.training
     from facemetric.cli import main
 
-    def diverges(path, resume=False):
+    def diverges(path, resume=False, teacher=None):  # run_from_cli's signature
         raise FloatingPointError("the loss is nan at step 7; lower [optimizer] lr")
 
     monkeypatch.setattr(facemetric.training, "run_from_cli", diverges)

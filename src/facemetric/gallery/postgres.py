@@ -101,7 +101,6 @@ from facemetric.gallery.store import (
     Changes,
     Collection,
     ConcurrentChangeError,
-    ContractMismatchError,
     DimensionMismatchError,
     FaceCrop,
     FaceRecord,
@@ -116,11 +115,12 @@ from facemetric.gallery.store import (
     SchemaTooNewError,
     Templates,
     as_template,
+    check_collection_contract,
     check_ids,
     check_limit,
     check_name,
+    check_new_faces,
     check_sha256,
-    check_templates_fit,
     decode_cursor,
     encode_cursor,
     metadata_json,
@@ -898,11 +898,6 @@ class PostgresGallery(GalleryStore):
 
     # ------------------------------------------------------------------ faces
 
-    @staticmethod
-    def _check_contract(row: Sequence[Any], contract: ModelContract) -> None:
-        if row[3] != contract.fingerprint():
-            raise ContractMismatchError(row[1], ModelContract.from_json(row[2]), contract)
-
     def add_faces(
         self,
         collection: str,
@@ -913,16 +908,7 @@ class PostgresGallery(GalleryStore):
         create_person: bool = True,
         metadata: Mapping[str, Any] | None = None,
     ) -> list[int]:
-        check_name(person_name, "person")
-        faces = list(faces)
-        if not faces:
-            raise InvalidInputError("add_faces needs at least one face; use add_person() alone")
-        if not isinstance(contract, ModelContract):
-            raise InvalidInputError(
-                f"contract must be the ModelContract of the encoder that made the templates, "
-                f"got {type(contract).__name__}"
-            )
-        check_templates_fit(faces, contract)
+        faces = check_new_faces(person_name, faces, contract)
         for i, face in enumerate(faces):
             if "\x00" in face.landmark_scheme:
                 raise InvalidInputError(
@@ -946,7 +932,7 @@ class PostgresGallery(GalleryStore):
         def body(conn: psycopg.Connection[Any]) -> list[int]:
             row = self._collection_row(conn, collection, lock=True)
             cid = row[0]
-            self._check_contract(row, contract)
+            check_collection_contract(row[1], row[2], row[3], contract)
             found = conn.execute(
                 "SELECT id FROM persons WHERE collection_id = %s AND name = %s",
                 (cid, person_name),

@@ -70,7 +70,6 @@ from facemetric.gallery.store import (
     Changes,
     Collection,
     ConcurrentChangeError,
-    ContractMismatchError,
     DimensionMismatchError,
     FaceCrop,
     FaceRecord,
@@ -85,11 +84,12 @@ from facemetric.gallery.store import (
     SchemaTooNewError,
     Templates,
     as_template,
+    check_collection_contract,
     check_ids,
     check_limit,
     check_name,
+    check_new_faces,
     check_sha256,
-    check_templates_fit,
     decode_cursor,
     encode_cursor,
     metadata_json,
@@ -705,16 +705,6 @@ class SQLiteGallery(GalleryStore):
 
     # ------------------------------------------------------------------ faces
 
-    @staticmethod
-    def _check_contract(row: Sequence[Any], contract: ModelContract) -> None:
-        if not isinstance(contract, ModelContract):
-            raise InvalidInputError(
-                f"contract must be the ModelContract of the encoder that made the templates, "
-                f"got {type(contract).__name__}"
-            )
-        if row[3] != contract.fingerprint():
-            raise ContractMismatchError(row[1], ModelContract.from_json(row[2]), contract)
-
     def add_faces(
         self,
         collection: str,
@@ -725,23 +715,14 @@ class SQLiteGallery(GalleryStore):
         create_person: bool = True,
         metadata: Mapping[str, Any] | None = None,
     ) -> list[int]:
-        check_name(person_name, "person")
-        faces = list(faces)
-        if not faces:
-            raise InvalidInputError("add_faces needs at least one face; use add_person() alone")
-        if not isinstance(contract, ModelContract):
-            raise InvalidInputError(
-                f"contract must be the ModelContract of the encoder that made the templates, "
-                f"got {type(contract).__name__}"
-            )
-        check_templates_fit(faces, contract)
+        faces = check_new_faces(person_name, faces, contract)
         meta = metadata_json(metadata)
         blobs = [face.template.astype(TEMPLATE_DTYPE).tobytes() for face in faces]
 
         def body(conn: sqlite3.Connection) -> list[int]:
             row = self._collection_row(conn, collection)
             cid = row[0]
-            self._check_contract(row, contract)
+            check_collection_contract(row[1], row[2], row[3], contract)
             found = conn.execute(
                 "SELECT id FROM persons WHERE collection_id = ? AND name = ?", (cid, person_name)
             ).fetchone()

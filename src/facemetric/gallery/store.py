@@ -431,8 +431,21 @@ def decode_cursor(cursor: str) -> str:
     return text[len(_CURSOR_PREFIX) :]
 
 
-def check_templates_fit(faces: Sequence[NewFace], contract: ModelContract) -> None:
-    """Raise :class:`DimensionMismatchError` unless every template has ``D`` values."""
+def check_new_faces(
+    person_name: str, faces: Sequence[NewFace], contract: ModelContract
+) -> list[NewFace]:
+    """The arguments of :meth:`GalleryStore.add_faces`, checked before any transaction: a
+    valid person name, at least one :class:`NewFace`, a :class:`ModelContract`, and every
+    template with the contract's ``D`` values (else :class:`DimensionMismatchError`)."""
+    check_name(person_name, "person")
+    faces = list(faces)
+    if not faces:
+        raise InvalidInputError("add_faces needs at least one face; use add_person() alone")
+    if not isinstance(contract, ModelContract):
+        raise InvalidInputError(
+            f"contract must be the ModelContract of the encoder that made the templates, "
+            f"got {type(contract).__name__}"
+        )
     size = contract.embedding_size
     for i, face in enumerate(faces):
         if not isinstance(face, NewFace):
@@ -443,6 +456,16 @@ def check_templates_fit(faces: Sequence[NewFace], contract: ModelContract) -> No
                 f"contract ({contract.backbone}) makes D={size}: it was computed by another "
                 f"model; embed the face with the collection's model"
             )
+    return faces
+
+
+def check_collection_contract(
+    collection: str, contract_json: str, fingerprint: str, contract: ModelContract
+) -> None:
+    """Raise :class:`ContractMismatchError` unless ``contract`` is the collection's model
+    (its stored JSON and fingerprint)."""
+    if fingerprint != contract.fingerprint():
+        raise ContractMismatchError(collection, ModelContract.from_json(contract_json), contract)
 
 
 # --------------------------------------------------------------------------- the interface
@@ -643,11 +666,12 @@ __all__ = [
     "SchemaTooNewError",
     "Templates",
     "as_template",
+    "check_collection_contract",
     "check_ids",
     "check_limit",
     "check_name",
+    "check_new_faces",
     "check_sha256",
-    "check_templates_fit",
     "decode_cursor",
     "encode_cursor",
     "metadata_json",

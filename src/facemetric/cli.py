@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from facemetric import __version__
 
@@ -88,20 +89,36 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from facemetric.experiments.compare import compare
+    from facemetric.experiments.seeds import compare_seeds
 
-    result = compare(
-        [Path(c) for c in args.configs],
-        out_dir=Path(args.out),
-        budget_steps=args.steps,
-        budget_seconds=args.seconds,
-        eval_every=args.eval_every,
-        eval_pairs=None if args.eval_pairs is None else Path(args.eval_pairs),
-        eval_root=None if args.eval_root is None else Path(args.eval_root),
-        max_eval_pairs=args.max_eval_pairs,
-        data_root=None if args.data is None else Path(args.data),
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-    )
+    common: dict[str, Any] = {
+        "out_dir": Path(args.out),
+        "budget_steps": args.steps,
+        "budget_seconds": args.seconds,
+        "eval_every": args.eval_every,
+        "eval_pairs": None if args.eval_pairs is None else Path(args.eval_pairs),
+        "eval_root": None if args.eval_root is None else Path(args.eval_root),
+        "max_eval_pairs": args.max_eval_pairs,
+        "data_root": None if args.data is None else Path(args.data),
+        "checkpoint_every": args.checkpoint_every,
+    }
+    configs = [Path(c) for c in args.configs]
+    if args.seeds is not None:
+        seeded = compare_seeds(configs, seeds=args.seeds, reference=args.reference, **common)
+        print(seeded.summary())
+        return 0
+    if args.reference is not None:
+        raise SystemExit("--reference needs --seeds (the paired differences are over seeds)")
+    result = compare(configs, seed=args.seed, **common)
+    print(result.summary())
+    return 0
+
+
+def _cmd_compare_summary(args: argparse.Namespace) -> int:
+    from facemetric.experiments.seeds import summarize_seeds
+
+    result = summarize_seeds(Path(args.out), args.seeds, runs=args.runs,
+                             reference=args.reference, name=args.name)
     print(result.summary())
     return 0
 
@@ -155,10 +172,25 @@ def _add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
     cmp.add_argument("--eval-root", help="aligned images the held-out pairs name")
     cmp.add_argument("--max-eval-pairs", type=int, help="pairs checked while training")
     cmp.add_argument("--data", help="override every config's [data] root")
-    cmp.add_argument("--seed", type=int, default=0)
+    seeding = cmp.add_mutually_exclusive_group()
+    seeding.add_argument("--seed", type=int, default=0)
+    seeding.add_argument("--seeds", type=int, nargs="+",
+                         help="one compare per seed into OUT/seed<k>/, then mean ± std over "
+                         "seeds and seed-band plots (OUT/seeds.md, OUT/seeds.png)")
+    cmp.add_argument("--reference", help="with --seeds: the run the paired differences are "
+                     "taken against (default: the first config)")
     cmp.add_argument("--checkpoint-every", type=int, default=100,
                      help="steps between checkpoints; rerun the same command to resume")
     cmp.set_defaults(func=_cmd_compare)
+
+    cms = sub.add_parser("compare-summary",
+                         help="mean ± std over seeds of a finished `compare --seeds` folder")
+    cms.add_argument("out", help="the --out folder of `facemetric compare --seeds`")
+    cms.add_argument("--seeds", type=int, nargs="+", required=True)
+    cms.add_argument("--runs", nargs="+", help="keep these runs (config stems; default all)")
+    cms.add_argument("--reference", help="run the paired differences are taken against")
+    cms.add_argument("--name", default="seeds", help="file stem of the .md/.png/.json")
+    cms.set_defaults(func=_cmd_compare_summary)
 
     vis = sub.add_parser("visualize", help="2-D map of a folder's embeddings")
     vis.add_argument("--model", required=True, help="checkpoint_*.pt or a run folder")

@@ -43,6 +43,7 @@ from facemetric.losses.margins import (
     Margin,
     MultiplicativeAngularMargin,
     NoMargin,
+    WarmupMargin,
 )
 from facemetric.losses.pair import (
     ContrastiveLoss,
@@ -94,5 +95,6 @@ __all__ = [
     "SubCenterArcFaceLoss",
     "TripletLoss",
     "TupleLoss",
+    "WarmupMargin",
     "margin_cross_entropy",
 ]

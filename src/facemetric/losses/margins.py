@@ -240,6 +240,51 @@ class MultiplicativeAngularMargin(Margin):
         )
 
 
+class WarmupMargin(Margin):
+    """A margin switched on gradually: ``ψ_t = cos θ + α_t·(ψ(cos θ) − cos θ)``.
+
+    ``ψ`` is the wrapped margin and ``α_t = min(1, t / steps)``, where ``t`` (buffer
+    ``iteration``) counts forward calls in training mode (a forward uses the current ``t`` and
+    then increments it; evaluation mode neither counts nor changes ``α``). ``α = 0`` is the
+    plain normalised softmax, ``α = 1`` the wrapped margin. For an additive cosine margin this
+    is exactly a margin ramped from 0 to ``m``; for ArcFace it is a blend of ``cos θ`` and
+    ``cos(θ + m)`` rather than ``cos(θ + α m)`` (both rise monotonically from softmax to the
+    full margin). It is the form of SphereFace's own annealing, ``(λ cos θ + ψ)/(1 + λ)`` —
+    i.e. ``α = 1/(1 + λ)`` — with ``α`` linear in the step: a remedy for margin losses that
+    stall at the untrained level on small datasets (Liu et al. 2017 anneal for the same
+    reason; insightface's notes start small sets from softmax).
+    """
+
+    iteration: Tensor
+
+    def __init__(self, inner: Margin, steps: int) -> None:
+        super().__init__()
+        if isinstance(inner, WarmupMargin):
+            raise ValueError("WarmupMargin: the margin is already warmed up; wrap it once")
+        if int(steps) != steps or steps < 1:
+            raise ValueError(f"WarmupMargin: steps must be an integer >= 1, got {steps}")
+        self.inner = inner
+        self.steps = int(steps)
+        self.register_buffer("iteration", torch.zeros((), dtype=torch.int64))
+
+    def current_alpha(self) -> float:
+        """``α`` that the next forward will use."""
+        return min(1.0, float(self.iteration) / self.steps)
+
+    def rewrite(self, cos: Tensor, labels: Tensor) -> Tensor:
+        alpha = self.current_alpha()
+        if self.training:
+            self.iteration += 1
+        if alpha >= 1.0:
+            return self.inner.rewrite(cos, labels)
+        if alpha <= 0.0:
+            return cos
+        return cos + alpha * (self.inner.rewrite(cos, labels) - cos)
+
+    def extra_repr(self) -> str:
+        return f"steps={self.steps}"
+
+
 def additive_angular(cos: Tensor, margin: Tensor, fallback: bool) -> Tensor:
     """``cos(θ + m)`` from ``cos θ`` (clamped to [-1, 1]) and margins ``m`` (float64 tensor).
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from facemetric.losses.margins import Margin, MultiplicativeAngularMargin, NoMargin, WarmupMargin
 from facemetric.training.config import (
     LossConfig,
     ModelConfig,
@@ -233,6 +234,19 @@ def build_loss(config: LossConfig, num_classes: int, embedding_size: int) -> nn.
     loss = _call_checked(entry.factory, params, what, reserved)
     if not isinstance(loss, nn.Module):
         raise ValueError(f"{what}: the factory returned {type(loss).__name__}, not a Module")
+    if config.margin_warmup_steps:
+        margin = getattr(loss, "margin", None)
+        if not isinstance(margin, Margin) or isinstance(margin, NoMargin):
+            raise ValueError(
+                f"{what}: margin_warmup_steps needs a loss with a margin (arcface, cosface, "
+                "combined_margin, subcenter_arcface ...); remove it for this loss"
+            )
+        if isinstance(margin, MultiplicativeAngularMargin):
+            raise ValueError(
+                f"{what}: SphereFace anneals its margin itself (base, gamma, power, "
+                "lambda_min); remove margin_warmup_steps"
+            )
+        loss.margin = WarmupMargin(margin, config.margin_warmup_steps)
     return loss
 
 

@@ -6,10 +6,11 @@ value of the wrong type raises ``ValueError`` saying which type was expected. Re
 (``data.root``, ``data.people_file``, ``output_dir``) are resolved against the folder of the
 config file, so a config works from any working directory.
 
-The ``[loss]`` section is open: besides ``name``, ``miner``, ``miner_params`` and
-``distance``, every key is a parameter of the loss (``scale``, ``margin`` ...); those are
-checked against the loss's constructor by :func:`facemetric.training.builders.build_loss`
-(``load_config`` runs that check when the loss is known). See ``configs/*.toml``.
+The ``[loss]`` section is open: besides ``name``, ``miner``, ``miner_params``,
+``distance`` and ``margin_warmup_steps``, every key is a parameter of the loss (``scale``,
+``margin`` ...); those are checked against the loss's constructor by
+:func:`facemetric.training.builders.build_loss` (``load_config`` runs that check when the
+loss is known). See ``configs/*.toml``.
 """
 
 from __future__ import annotations
@@ -85,12 +86,16 @@ class LossConfig:
 
     ``miner`` names a miner for a pair loss (``miner_params`` its arguments); ``distance``
     names the distance shared by the loss and its miner (``cosine``, ``euclidean`` ...).
+    ``margin_warmup_steps = N > 0`` wraps a margin loss's margin in
+    :class:`~facemetric.losses.margins.WarmupMargin` (softmax at step 0, the full margin
+    from step ``N``).
     """
 
     name: str = "arcface"
     miner: str | None = None
     miner_params: dict[str, Any] = field(default_factory=dict)
     distance: str | None = None
+    margin_warmup_steps: int = 0
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -521,6 +526,7 @@ def check_config(config: TrainConfig, source: str = "config") -> None:
         _need(0.0 <= value <= 1.0, f"{s}: [augment] {key} must be in [0, 1], got {value}")
     _need(m.embedding_size >= 1, f"{s}: [model] embedding_size must be >= 1")
     _need(bool(config.loss.name), f"{s}: [loss] name is required")
+    _need(config.loss.margin_warmup_steps >= 0, f"{s}: [loss] margin_warmup_steps must be >= 0")
     _need(o.name in OPTIMIZERS, f"{s}: [optimizer] name must be one of {OPTIMIZERS}, got "
           f"{o.name!r}")
     _need(o.lr > 0 and math.isfinite(o.lr), f"{s}: [optimizer] lr must be > 0, got {o.lr}")

@@ -302,3 +302,49 @@ def test_a_folder_from_other_settings_or_another_tool_is_refused(setup, straight
     (foreign / "cosface" / "checkpoint_000000002.pt").write_bytes(b"from facemetric train")
     with pytest.raises(FileExistsError, match=r"holds checkpoints but no compare_run\.json"):
         _compare(setup, foreign)
+
+
+def test_a_record_from_before_a_new_config_field_is_still_reused(setup, tmp_path):
+    """A record written before ``[loss] margin_warmup_steps`` existed lacks that key; the run
+    used no warm-up, so the record matches a configuration at the default and is reused."""
+    out = tmp_path / "old"
+    first = _compare(setup, out, budget_steps=2, eval_every=2)
+    record_path = out / "cosface" / "compare_run.json"
+    record = json.loads(record_path.read_text())
+    del record["settings"]["config"]["loss"]["margin_warmup_steps"]
+    record_path.write_text(json.dumps(record))
+    again = _compare(setup, out, budget_steps=2, eval_every=2)
+    assert again.runs[0].losses == first.runs[0].losses
+    assert again.runs[0].wall_seconds == first.runs[0].wall_seconds  # reused, not retrained
+    record["settings"]["config"]["loss"]["margin_warmup_steps"] = 1  # a warm-up it did use
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"other settings \(they differ in \['config'\]\)"):
+        _compare(setup, out, budget_steps=2, eval_every=2)
+
+
+# --------------------------------------------------------------------------- several seeds
+
+
+def test_compare_seeds_runs_each_seed_and_summarises_the_real_runs(setup, tmp_path):
+    from facemetric.experiments.seeds import compare_seeds
+
+    tmp = setup["tmp"]
+    result = compare_seeds([setup["cosface"], setup["triplet"]], out_dir=tmp_path, seeds=[3, 4],
+                           budget_steps=3, eval_every=3, eval_pairs=tmp / "pairs.txt",
+                           eval_root=tmp / "held", eval_folds=2, progress=False)
+    first, second = result.per_seed
+    assert (tmp_path / "seed3" / "metrics.json").is_file()
+    assert first.runs[0].losses != second.runs[0].losses  # the seed really changed
+    finals = [[r.final.accuracy for r in res.runs] for res in result.per_seed]
+    cos, trip = result.summaries
+    assert cos.final["accuracy"].values == pytest.approx((finals[0][0], finals[1][0]))
+    assert trip.difference is not None and trip.paired  # same batches at one seed
+    assert trip.difference.values == pytest.approx(
+        (finals[0][1] - finals[0][0], finals[1][1] - finals[1][0]))
+    # a second call reuses both finished seeds: the same numbers, nothing retrained
+    again = compare_seeds([setup["cosface"], setup["triplet"]], out_dir=tmp_path, seeds=[3, 4],
+                          budget_steps=3, eval_every=3, eval_pairs=tmp / "pairs.txt",
+                          eval_root=tmp / "held", eval_folds=2, progress=False)
+    assert [s.final["accuracy"].values for s in again.summaries] == [
+        s.final["accuracy"].values for s in result.summaries]
+    assert again.per_seed[0].runs[0].wall_seconds == first.runs[0].wall_seconds

@@ -80,7 +80,7 @@ from facemetric.evaluation.verification import VerificationReport, verification_
 from facemetric.inference import Encoder, ModelContract, TorchEncoder
 from facemetric.training.builders import build_loss, build_model, is_classifier_loss
 from facemetric.training.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints
-from facemetric.training.config import TrainConfig, load_config
+from facemetric.training.config import TrainConfig, config_from_dict, load_config
 from facemetric.training.loop import DistributedContext, StepInfo, build_dataset, seed_everything
 from facemetric.training.loop import train as train_run
 
@@ -294,6 +294,21 @@ def _fingerprint(config: TrainConfig, settings: dict[str, Any]) -> dict[str, Any
     return json.loads(json.dumps({"config": config.to_dict(), **settings}, default=str))
 
 
+def _with_current_defaults(settings: dict[str, Any]) -> dict[str, Any]:
+    """A record's settings with its configuration read back as a configuration: a field
+    added to the configuration since the record was written takes its default, so a
+    record of a run that used no such feature still matches (a newer version of facemetric
+    can resume an older compare). A configuration that no longer reads is left as it is."""
+    stored = settings.get("config")
+    if not isinstance(stored, dict):
+        return settings
+    try:
+        config = config_from_dict(stored, source="compare record")
+    except (ValueError, TypeError):
+        return settings
+    return _fingerprint(config, {k: v for k, v in settings.items() if k != "config"})
+
+
 def _read_record(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
@@ -378,6 +393,8 @@ def _run_one(
     record_path = out_dir / RECORD_FILE
     fingerprint = _fingerprint(config, settings)
     record = _read_record(record_path)
+    if record is not None:
+        record["settings"] = _with_current_defaults(record["settings"])
     if record is not None and record["settings"] != fingerprint:
         theirs, ours = record["settings"], fingerprint
         differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))

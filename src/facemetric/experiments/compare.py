@@ -526,7 +526,8 @@ def _reused(result: RunResult, record: dict[str, Any], held: _HeldOut | None) ->
     return result
 
 
-def _smooth(values: np.ndarray) -> np.ndarray:
+def smooth_losses(values: np.ndarray) -> np.ndarray:
+    """A trailing running mean over 2% of the steps (at least 1)."""
     window = max(1, values.shape[0] // 50)
     if window == 1:
         return values
@@ -543,7 +544,8 @@ def plot_convergence(runs: Sequence[RunResult], path: str | os.PathLike[str],
     axes = fig.subplots(2, 2)
     for run in runs:
         steps = np.arange(1, len(run.losses) + 1)
-        loss = _smooth(np.asarray(run.losses, dtype=np.float64)) if run.losses else np.array([])
+        loss = (smooth_losses(np.asarray(run.losses, dtype=np.float64)) if run.losses
+                else np.array([]))
         label = f"{run.name} ({run.loss_name})"
         (line,) = axes[0, 0].plot(steps, loss, label=label)
         color = line.get_color()
@@ -552,10 +554,19 @@ def plot_convergence(runs: Sequence[RunResult], path: str | os.PathLike[str],
             acc = 100.0 * np.asarray(run.eval_accuracy)
             axes[1, 0].plot(run.eval_steps, acc, "o-", color=color, ms=3, label=label)
             axes[1, 1].plot(run.eval_wall, acc, "o-", color=color, ms=3, label=label)
-    labels = (("step", "training loss (running mean)"), ("training time (s)", "training loss"),
-              ("step", "held-out accuracy (%)"), ("training time (s)", "held-out accuracy (%)"))
     all_losses = [v for r in runs for v in r.losses]
-    if all_losses and min(all_losses) > 0:  # losses of different families differ in scale
+    return finish_convergence_panels(fig, axes, path, title, "training time (s)",
+                                     log_loss=bool(all_losses) and min(all_losses) > 0)
+
+
+def finish_convergence_panels(fig: Any, axes: Any, path: str | os.PathLike[str], title: str,
+                              time_label: str, *, log_loss: bool) -> Path:
+    """Label, grid and save the 2×2 convergence panels (loss / held-out accuracy against
+    steps / ``time_label``); the loss axes on a log scale when ``log_loss`` (losses of
+    different families differ in scale). Written atomically as PNG."""
+    labels = (("step", "training loss (running mean)"), (time_label, "training loss"),
+              ("step", "held-out accuracy (%)"), (time_label, "held-out accuracy (%)"))
+    if log_loss:
         for ax in axes[0]:
             ax.set_yscale("log")
     for ax, (xlabel, ylabel) in zip(axes.flat, labels, strict=True):
@@ -736,4 +747,11 @@ def compare(
     return CompareResult(tuple(runs), plot, table, metrics_json, text)
 
 
-__all__ = ["CompareResult", "RunResult", "compare", "plot_convergence"]
+__all__ = [
+    "CompareResult",
+    "RunResult",
+    "compare",
+    "finish_convergence_panels",
+    "plot_convergence",
+    "smooth_losses",
+]

@@ -17,8 +17,9 @@ reads their ``metrics.json`` back and writes, in ``out_dir``:
   number of seeds at which the configuration is ahead;
 - ``<name>.png``: the 2×2 convergence panels of ``compare`` with one line per
   configuration at the mean over seeds and a band of ± one standard deviation: the training
-  loss (each seed's running mean first) and the held-out accuracy against steps and against
-  training time (the x of a point is the seeds' mean training time at that step);
+  loss (each seed's running mean first, as ``compare`` smooths it) and the held-out
+  accuracy against steps and against training time (the x of a point is the seeds' mean
+  training time at that step);
 - ``<name>.json``: every number above.
 
 Seeds that stopped at different steps (a time budget) are cut to the steps all of them
@@ -38,9 +39,14 @@ from typing import Any
 import numpy as np
 
 from facemetric.atomic import atomic_write_text
-from facemetric.evaluation.plots import _new_figure, _save_figure
+from facemetric.evaluation.plots import _new_figure
 from facemetric.evaluation.report import _json_safe, _table
-from facemetric.experiments.compare import CompareResult, compare
+from facemetric.experiments.compare import (
+    CompareResult,
+    compare,
+    finish_convergence_panels,
+    smooth_losses,
+)
 
 #: the FAR whose TAR the table shows: 1e-2, which 1,000 pairs (500 impostor pairs) resolve;
 #: ``compare``'s per-seed table also shows 1e-3
@@ -206,15 +212,6 @@ def _summaries(runs: Sequence[SeedRun], reference: str) -> list[SeedSummary]:
     return out
 
 
-def _running_mean(values: np.ndarray) -> np.ndarray:
-    """``compare``'s smoothing: a trailing mean over 2% of the steps."""
-    window = max(1, values.shape[0] // 50)
-    if window == 1:
-        return values
-    padded = np.r_[np.full(window - 1, values[0]), values]
-    return np.convolve(padded, np.ones(window) / window, mode="valid")
-
-
 def seed_bands(runs: Sequence[SeedRun]) -> dict[str, np.ndarray]:
     """Mean and std over seeds of one configuration's curves (module docstring).
 
@@ -224,7 +221,7 @@ def seed_bands(runs: Sequence[SeedRun]) -> dict[str, np.ndarray]:
     """
     n = min(r.losses.shape[0] for r in runs)
     ddof = 1 if len(runs) > 1 else 0
-    loss = np.stack([_running_mean(r.losses)[:n] for r in runs])
+    loss = np.stack([smooth_losses(r.losses)[:n] for r in runs])
     wall = np.stack([r.step_wall[:n] for r in runs])
     common = sorted(set.intersection(*(set(r.eval_steps.tolist()) for r in runs)))
     acc = np.stack([
@@ -262,25 +259,10 @@ def plot_seed_bands(runs: Sequence[SeedRun], path: str | os.PathLike[str],
             for ax, x in ((axes[1, 0], b["eval_steps"]), (axes[1, 1], b["eval_wall"])):
                 ax.plot(x, acc, "o-", color=color, ms=3, label=label)
                 ax.fill_between(x, acc - std, acc + std, color=color, alpha=0.2, lw=0)
-    labels = (("step", "training loss (running mean)"),
-              ("training time (s, mean over seeds)", "training loss"),
-              ("step", "held-out accuracy (%)"),
-              ("training time (s, mean over seeds)", "held-out accuracy (%)"))
-    if runs and all(r.losses.size and r.losses.min() > 0 for r in runs):
-        for ax in axes[0]:
-            ax.set_yscale("log")
-    for ax, (xlabel, ylabel) in zip(axes.flat, labels, strict=True):
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize="small")
-        else:
-            ax.text(0.5, 0.5, "no held-out pairs given", ha="center", va="center",
-                    transform=ax.transAxes)
-    fig.suptitle(f"{title} (line: mean, band: ± 1 std over seeds)")
-    fig.tight_layout()
-    return _save_figure(fig, path, title)
+    log_loss = bool(runs) and all(r.losses.size and r.losses.min() > 0 for r in runs)
+    return finish_convergence_panels(
+        fig, axes, path, f"{title} (line: mean, band: ± 1 std over seeds)",
+        "training time (s, mean over seeds)", log_loss=log_loss)
 
 
 def _markdown(summaries: Sequence[SeedSummary], reference: str, header: list[str],

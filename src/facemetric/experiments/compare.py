@@ -45,7 +45,12 @@ exactly as ``facemetric train --resume`` does, and its curves continue from the 
 checkpoint newer than the record — the process died between the two writes — is dropped
 and its steps redone). The record also holds the run's settings (its configuration after
 the overrides, the budget and the held-out settings): a folder whose record was written
-with other settings is refused, and so is a folder with checkpoints but no record.
+with other settings is refused, and so is a folder with checkpoints but no record. A
+configuration field added to facemetric after the record was written is read as its
+default, so a record of a run that did not use it still matches.
+
+Several seeds of one comparison, with mean ± std over seeds and seed-band plots:
+:mod:`facemetric.experiments.seeds` (``facemetric compare --seeds``).
 """
 
 from __future__ import annotations

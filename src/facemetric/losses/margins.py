@@ -250,9 +250,9 @@ class WarmupMargin(Margin):
     is exactly a margin ramped from 0 to ``m``; for ArcFace it is a blend of ``cos θ`` and
     ``cos(θ + m)`` rather than ``cos(θ + α m)`` (both rise monotonically from softmax to the
     full margin). It is the form of SphereFace's own annealing, ``(λ cos θ + ψ)/(1 + λ)`` —
-    i.e. ``α = 1/(1 + λ)`` — with ``α`` linear in the step: a remedy for margin losses that
-    stall at the untrained level on small datasets (Liu et al. 2017 anneal for the same
-    reason; insightface's notes start small sets from softmax).
+    i.e. ``α = 1/(1 + λ)`` — with ``α`` linear in the step: meant for margin losses that
+    stall near the untrained level early in training on small datasets (Liu et al. 2017
+    anneal for the same reason). Measured on LFW DevTrain: docs/benchmarks.md.
     """
 
     iteration: Tensor

@@ -32,7 +32,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -224,12 +224,10 @@ def seed_bands(runs: Sequence[SeedRun]) -> dict[str, np.ndarray]:
     loss = np.stack([smooth_losses(r.losses)[:n] for r in runs])
     wall = np.stack([r.step_wall[:n] for r in runs])
     common = sorted(set.intersection(*(set(r.eval_steps.tolist()) for r in runs)))
-    acc = np.stack([
-        np.array([r.eval_accuracy[list(r.eval_steps).index(s)] for s in common]) for r in runs
-    ]) if common else np.zeros((len(runs), 0))
-    ewall = np.stack([
-        np.array([r.eval_wall[list(r.eval_steps).index(s)] for s in common]) for r in runs
-    ]) if common else np.zeros((len(runs), 0))
+    # per run, where each common check sits in its own (sorted, distinct) eval steps
+    where = [np.searchsorted(r.eval_steps, common).astype(np.int64) for r in runs]
+    acc = np.stack([r.eval_accuracy[i] for r, i in zip(runs, where, strict=True)])
+    ewall = np.stack([r.eval_wall[i] for r, i in zip(runs, where, strict=True)])
     return {
         "steps": np.arange(1, n + 1), "wall": wall.mean(axis=0),
         "loss": loss.mean(axis=0), "loss_std": loss.std(axis=0, ddof=ddof),
@@ -331,8 +329,7 @@ def summarize_seeds(
         f"against {ref} (same batches at one seed when the data-order digests agree).",
     ]
     text = _markdown(summaries, ref, header, f"{name}.png")
-    plot = plot_seed_bands(chosen if ref in keep else [r for r in chosen if r.name in keep],
-                           out / f"{name}.png",
+    plot = plot_seed_bands([r for r in chosen if r.name in keep], out / f"{name}.png",
                            title=f"Convergence over seeds {', '.join(map(str, seeds))}")
     metrics = {
         "seeds": seeds, "reference": ref, "table_far": TABLE_FAR,
@@ -378,9 +375,7 @@ def compare_seeds(
     results = tuple(
         compare(configs, out_dir=seed_folder(out_dir, s), seed=s, **compare_args) for s in seeds
     )
-    summary = summarize_seeds(out_dir, seeds, reference=reference)
-    return SeedComparison(summary.summaries, summary.reference, summary.table, summary.plot,
-                          summary.metrics_json, summary.table_text, results)
+    return replace(summarize_seeds(out_dir, seeds, reference=reference), per_seed=results)
 
 
 __all__ = [

@@ -172,3 +172,62 @@ def test_a_config_naming_an_unknown_loss_fails(tmp_path):
 def test_example_configs_exist():
     names = {p.name for p in CONFIGS.glob("*.toml")}
     assert {"arcface_mobilefacenet.toml", "triplet_iresnet50.toml"} <= names
+
+
+AUX = """
+[batch]
+p = 4
+k = 2
+
+[loss]
+name = "npair"
+l2_reg = 0.02
+
+[[aux_loss]]
+name = "arcface"
+weight = 0.5
+scale = 32.0
+margin = 0.3
+
+[[aux_loss]]
+name = "triplet"
+miner = "semi_hard"
+distance = "cosine"
+margin = 0.2
+"""
+
+
+def test_aux_loss_sections_are_read_in_order_and_round_trip(tmp_path):
+    cfg = load_config(_write(tmp_path, AUX))
+    first, second = cfg.aux_loss
+    assert (first.name, first.weight, first.params) == ("arcface", 0.5,
+                                                        {"scale": 32.0, "margin": 0.3})
+    assert (second.name, second.weight, second.miner, second.distance, second.params) == (
+        "triplet", 1.0, "semi_hard", "cosine", {"margin": 0.2})
+    assert config_from_dict(cfg.to_dict()) == cfg
+    assert load_config(_write(tmp_path, FULL)).aux_loss == []
+
+
+@pytest.mark.parametrize(("extra", "pattern"), [
+    ('[[aux_loss]]\nname = "arcface"\nweight = 0\n', r"\[\[aux_loss\]\] 1: weight must be a "
+     r"finite number > 0, got 0.0 \(remove the section"),
+    ('[[aux_loss]]\nname = "arcface"\nweight = "big"\n', r"\[\[aux_loss\]\] 1: \[aux_loss\] "
+     r"weight: expected a number"),
+    ('[[aux_loss]]\nweight = 1\n', r"\[\[aux_loss\]\] 1: name is required"),
+    ('aux_loss = 3\n', "aux_loss must be an array of tables"),
+    ('[[aux_loss]]\nname = "arcface"\n[partial_fc]\nsample_rate = 0.5\n',
+     r"does not combine with \[partial_fc\]"),
+    ('[[aux_loss]]\nname = "magnet"\n', "hierarchical triplet or magnet"),
+])
+def test_aux_loss_errors_name_the_section(tmp_path, extra, pattern):
+    top, extra = (extra, "") if extra.startswith("aux_loss =") else ("", extra)
+    text = top + '[batch]\np = 4\nk = 2\n[loss]\nname = "npair"\n' + extra
+    with pytest.raises(ValueError, match=pattern):
+        load_config(_write(tmp_path, text), check_loss=False)
+
+
+def test_aux_loss_parameters_are_checked_against_its_loss(tmp_path):
+    text = AUX.replace("margin = 0.3", "margn = 0.3")
+    with pytest.raises(ValueError, match=r"\[\[aux_loss\]\] 1: .*unknown parameter\(s\) "
+                                         r"\['margn'\]"):
+        load_config(_write(tmp_path, text))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from facemetric.losses import WeightedLossSum
 from facemetric.training import (
     StepInfo,
     config_from_dict,
@@ -23,6 +24,7 @@ from facemetric.training import (
     train,
 )
 from facemetric.training.builders import register_loss
+from facemetric.training.config import AuxLossConfig
 from facemetric.training.loop import ShuffledBatchSampler
 
 IDENTITIES, PER_ID, SIDE = 6, 4, 32
@@ -232,6 +234,43 @@ def test_pair_loss_needs_pk_batches(faces, tmp_path):
     cfg = _config(faces, tmp_path / "x", "triplet")
     cfg.batch.p = cfg.batch.k = None
     with pytest.raises(ValueError, match="P×K"):
+        train(cfg, progress=False)
+
+
+def _aux_config(data: Path, out: Path, max_steps: int = 11):
+    cfg = _config(data, out, "triplet", max_steps=max_steps)
+    cfg.aux_loss = [AuxLossConfig(name="arcface", weight=0.5,
+                                  params={"scale": 16.0, "margin": 0.2})]
+    return cfg
+
+
+def test_a_pair_loss_with_an_aux_classifier_trains_and_resumes_exactly(faces, tmp_path):
+    torch.set_num_threads(1)
+    straight = train(_aux_config(faces, tmp_path / "straight"), progress=False)
+    assert isinstance(straight.loss, WeightedLossSum)
+    assert straight.loss.weights == [1.0, 0.5]
+    centres = straight.loss.state_dict()["terms.1.weight"]
+    assert centres.shape == (IDENTITIES, 16)
+    # the centres moved between steps 5 and 11: they are trained with the backbone
+    assert not torch.equal(centres, load_checkpoint(
+        straight.output_dir / "checkpoint_000000005.pt")["loss"]["terms.1.weight"])
+
+    out = tmp_path / "killed"
+    with pytest.raises(_KilledError):
+        train(_aux_config(faces, out), progress=False, on_step=_kill_after(7))
+    resumed = train(_aux_config(faces, out), resume=True, progress=False)
+    assert resumed.resumed_from == 5
+    assert resumed.losses == straight.losses
+    for name, value in _params(straight.loss).items():
+        assert torch.equal(value, _params(resumed.loss)[name]), name
+    for name, value in _params(straight.model).items():
+        assert torch.equal(value, _params(resumed.model)[name]), name
+
+
+def test_a_pair_aux_loss_needs_pk_batches(faces, tmp_path):
+    cfg = _config(faces, tmp_path / "x", "arcface")
+    cfg.aux_loss = [AuxLossConfig(name="triplet", weight=1.0)]
+    with pytest.raises(ValueError, match="the pair loss 'triplet' needs P×K batches"):
         train(cfg, progress=False)
 
 

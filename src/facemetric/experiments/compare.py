@@ -83,7 +83,12 @@ from facemetric.evaluation.report import (
 from facemetric.evaluation.run import _with_existing
 from facemetric.evaluation.verification import VerificationReport, verification_report
 from facemetric.inference import Encoder, ModelContract, TorchEncoder
-from facemetric.training.builders import build_loss, build_model, is_classifier_loss
+from facemetric.training.builders import (
+    add_aux_losses,
+    build_loss,
+    build_model,
+    is_classifier_loss,
+)
 from facemetric.training.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints
 from facemetric.training.config import TrainConfig, config_from_dict, load_config
 from facemetric.training.loop import DistributedContext, StepInfo, build_dataset, seed_everything
@@ -433,7 +438,8 @@ def _run_one(
     # a wall-time stop. (Resuming, train() loads the checkpoint into them.)
     seed_everything(config.seed)
     model = build_model(config.model)
-    loss = build_loss(config.loss, num_classes, config.model.embedding_size)
+    loss = add_aux_losses(build_loss(config.loss, num_classes, config.model.embedding_size),
+                          config.aux_loss, num_classes, config.model.embedding_size)
     device = DistributedContext().device(config.train.device)
     # One model, two views of it: no flip test while monitoring (cheap), flip test at the end.
     monitor_encoder, final_encoder = (
@@ -692,8 +698,9 @@ def compare(
         cfg.train.checkpoint_every = checkpoint_every  # what a killed compare resumes from
         # the previous checkpoint must survive until the record of the newest is written
         cfg.train.keep_checkpoints = max(2, cfg.train.keep_checkpoints)
-        if cfg.batch.p is None and not is_classifier_loss(cfg.loss):
-            raise ValueError(f"{name}: the pair loss {cfg.loss.name!r} needs [batch] p and k")
+        pair = [c.name for c in (cfg.loss, *cfg.aux_loss) if not is_classifier_loss(c)]
+        if cfg.batch.p is None and pair:
+            raise ValueError(f"{name}: the pair loss {pair[0]!r} needs [batch] p and k")
     _check_same_data(loaded, names)
 
     first = loaded[0]

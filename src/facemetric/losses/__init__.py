@@ -6,6 +6,8 @@
   ``.weight`` (``num_classes × embedding_size``), ``loss(embeddings, labels)``; the margins
   (:mod:`facemetric.losses.margins`) are separate parts that any normalised head, Partial FC
   included, takes.
+- :class:`~facemetric.losses.combined.WeightedLossSum`: ``Σ w_i·ℓ_i(x, y)``, e.g. a pair
+  loss beside a classifier loss (a config's ``[[aux_loss]]`` sections).
 - Distillation losses (:mod:`facemetric.losses.distillation`): ``loss(student, teacher)``
   against a teacher's embeddings of the same images, and ``DistillationObjective`` adding
   them to a label loss (built from a config's ``[distill]`` section, not from ``[loss]``).
@@ -28,6 +30,7 @@ from facemetric.losses.classifier import (
     SubCenterArcFaceLoss,
     margin_cross_entropy,
 )
+from facemetric.losses.combined import WeightedLossSum
 from facemetric.losses.distillation import (
     DistillationObjective,
     EmbeddingDistillationLoss,
@@ -96,5 +99,6 @@ __all__ = [
     "TripletLoss",
     "TupleLoss",
     "WarmupMargin",
+    "WeightedLossSum",
     "margin_cross_entropy",
 ]

@@ -19,15 +19,17 @@ import importlib
 import inspect
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from facemetric.losses.combined import WeightedLossSum
 from facemetric.losses.margins import Margin, MultiplicativeAngularMargin, NoMargin, WarmupMargin
 from facemetric.training.config import (
+    AuxLossConfig,
     LossConfig,
     ModelConfig,
     OptimizerConfig,
@@ -39,9 +41,10 @@ logger = logging.getLogger(__name__)
 
 #: abstract bases that are exported but cannot be built from a config
 _NOT_BUILDABLE = {"TupleLoss", "ClassifierLoss", "NormalizedClassifierLoss", "Miner", "Distance"}
-#: distillation losses take the teacher's embeddings: built from [distill], not from [loss]
-_NOT_BUILDABLE |= {"EmbeddingDistillationLoss", "RKDDistanceLoss", "RKDAngleLoss",
-                   "SimilarityMatrixLoss", "DistillationObjective"}
+#: distillation losses take the teacher's embeddings (built from [distill]); the weighted sum is
+#: built from [loss] + [[aux_loss]] — neither is a [loss] name
+_NOT_BUILDABLE |= {"WeightedLossSum", "EmbeddingDistillationLoss", "RKDDistanceLoss",
+                   "RKDAngleLoss", "SimilarityMatrixLoss", "DistillationObjective"}
 
 
 def _key(name: str, suffix: str = "") -> str:
@@ -250,6 +253,24 @@ def build_loss(config: LossConfig, num_classes: int, embedding_size: int) -> nn.
     return loss
 
 
+def add_aux_losses(
+    loss: nn.Module, aux: Sequence[AuxLossConfig], num_classes: int, embedding_size: int
+) -> nn.Module:
+    """``loss`` alone when ``aux`` is empty, else ``1·loss + Σ w_i·aux_i``
+    (:class:`~facemetric.losses.combined.WeightedLossSum`), each ``[[aux_loss]]`` built as
+    :func:`build_loss` builds ``[loss]`` (a classifier term gets centres for
+    ``num_classes``)."""
+    if not aux:
+        return loss
+    terms = [(1.0, loss)]
+    for i, section in enumerate(aux, 1):
+        try:
+            terms.append((section.weight, build_loss(section, num_classes, embedding_size)))
+        except ValueError as err:
+            raise ValueError(f"[[aux_loss]] {i}: {err}") from err
+    return WeightedLossSum(terms)
+
+
 def build_partial_fc(
     loss: nn.Module,
     sample_rate: float,
@@ -384,6 +405,7 @@ def build_scheduler(
 __all__ = [
     "LossEntry",
     "WarmupSchedule",
+    "add_aux_losses",
     "available_distances",
     "available_losses",
     "available_miners",

@@ -10,7 +10,9 @@ The ``[loss]`` section is open: besides ``name``, ``miner``, ``miner_params``,
 ``distance`` and ``margin_warmup_steps``, every key is a parameter of the loss (``scale``,
 ``margin`` ...); those are checked against the loss's constructor by
 :func:`facemetric.training.builders.build_loss` (``load_config`` runs that check when the
-loss is known). See ``configs/*.toml``.
+loss is known). ``[[aux_loss]]`` sections (a TOML array of tables) are laid out like
+``[loss]`` plus a ``weight``: each adds ``weight · ℓ_aux`` to the ``[loss]`` term
+(:class:`~facemetric.losses.combined.WeightedLossSum`). See ``configs/*.toml``.
 """
 
 from __future__ import annotations
@@ -97,6 +99,17 @@ class LossConfig:
     distance: str | None = None
     margin_warmup_steps: int = 0
     params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AuxLossConfig(LossConfig):
+    """One ``[[aux_loss]]`` section: a loss laid out as ``[loss]`` whose value, times
+    ``weight``, is added to the ``[loss]`` term (e.g. ArcFace beside N-pair). A pair loss
+    here needs P×K batches like a pair ``[loss]``; a classifier loss gets its own centres
+    over the same classes. ``name`` has no default here: a section names its loss."""
+
+    name: str = ""
+    weight: float = 1.0
 
 
 @dataclass
@@ -311,6 +324,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    aux_loss: list[AuxLossConfig] = field(default_factory=list)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
@@ -377,6 +391,11 @@ def load_config(path: str | os.PathLike[str], *, check_loss: bool = True) -> Tra
             check_loss_config(config.loss, config.model.embedding_size)
         except ValueError as err:
             raise ValueError(f"{path}: [loss] {err}") from err
+        for i, aux in enumerate(config.aux_loss, 1):
+            try:
+                check_loss_config(aux, config.model.embedding_size)
+            except ValueError as err:
+                raise ValueError(f"{path}: [[aux_loss]] {i}: {err}") from err
     return config
 
 
@@ -388,7 +407,7 @@ def config_from_dict(
     if not isinstance(raw, dict):
         raise ValueError(f"{source}: expected a table, got {type(raw).__name__}")
     top_fields = {"seed", "output_dir"}
-    valid = sorted(top_fields | set(_SECTIONS))
+    valid = sorted(top_fields | set(_SECTIONS) | {"aux_loss"})
     kwargs: dict[str, Any] = {}
     hints = typing.get_type_hints(TrainConfig)
     for key, value in raw.items():
@@ -396,6 +415,12 @@ def config_from_dict(
             if not isinstance(value, dict):
                 raise ValueError(f"{source}: [{key}] must be a table, got {value!r}")
             kwargs[key] = _section(key, value, source)
+        elif key == "aux_loss":
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise ValueError(f"{source}: aux_loss must be an array of tables "
+                                 f"([[aux_loss]] sections), got {value!r}")
+            kwargs[key] = [_section(key, v, f"{source}: [[aux_loss]] {i + 1}")
+                           for i, v in enumerate(value)]
         elif key in top_fields:
             kwargs[key] = _convert(value, hints[key], f"{source}: {key}")
         else:
@@ -418,7 +443,8 @@ def _resolve(path: Path, base: Path) -> Path:
 
 
 def _section(name: str, table: dict[str, Any], source: str) -> Any:
-    cls = _SECTIONS[name]
+    cls = AuxLossConfig if name == "aux_loss" else _SECTIONS[name]
+    open_table = issubclass(cls, LossConfig)  # every other key is a loss parameter
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}
@@ -427,20 +453,20 @@ def _section(name: str, table: dict[str, Any], source: str) -> Any:
         where = f"{source}: [{name}] {key}"
         if key in names and key != "params":
             kwargs[key] = _convert(value, hints[key], where)
-        elif name == "loss" and key == "params" and isinstance(value, dict):
+        elif open_table and key == "params" and isinstance(value, dict):
             params.update(value)  # the layout of TrainConfig.to_dict()
-        elif name == "loss":
+        elif open_table:
             if isinstance(value, dict):
                 raise ValueError(
                     f"{where}: a loss parameter must be a value, not a table "
-                    "(the only sub-table of [loss] is [loss.miner_params])"
+                    f"(the only sub-table of [{name}] is [{name}.miner_params])"
                 )
             params[key] = value
         else:
             raise ValueError(
                 f"{source}: unknown key {key!r} in [{name}]; valid keys: {sorted(names)}"
             )
-    if name == "loss":
+    if open_table:
         kwargs["params"] = params
     return cls(**kwargs)
 
@@ -527,6 +553,21 @@ def check_config(config: TrainConfig, source: str = "config") -> None:
     _need(m.embedding_size >= 1, f"{s}: [model] embedding_size must be >= 1")
     _need(bool(config.loss.name), f"{s}: [loss] name is required")
     _need(config.loss.margin_warmup_steps >= 0, f"{s}: [loss] margin_warmup_steps must be >= 0")
+    for i, aux in enumerate(config.aux_loss, 1):
+        where = f"{s}: [[aux_loss]] {i}"
+        _need(bool(aux.name), f"{where}: name is required")
+        _need(math.isfinite(aux.weight) and aux.weight > 0,
+              f"{where}: weight must be a finite number > 0, got {aux.weight} (remove the "
+              "section to drop the term)")
+        _need(aux.margin_warmup_steps >= 0, f"{where}: margin_warmup_steps must be >= 0")
+    if config.aux_loss:
+        _need(config.partial_fc.sample_rate is None,
+              f"{s}: [[aux_loss]] does not combine with [partial_fc] (its sharded centres are "
+              "the whole objective there); remove one of them")
+        _need(structured_loss(config.loss.name) is None
+              and not any(structured_loss(a.name) for a in config.aux_loss),
+              f"{s}: [[aux_loss]] does not combine with the hierarchical triplet or magnet "
+              "loss (their dataset-level state is attached to the one loss)")
     _need(o.name in OPTIMIZERS, f"{s}: [optimizer] name must be one of {OPTIMIZERS}, got "
           f"{o.name!r}")
     _need(o.lr > 0 and math.isfinite(o.lr), f"{s}: [optimizer] lr must be > 0, got {o.lr}")
@@ -626,6 +667,7 @@ def _check_distill(config: TrainConfig, s: str, structured: bool) -> None:
 
 __all__ = [
     "AugmentConfig",
+    "AuxLossConfig",
     "BatchConfig",
     "ClassTreeConfig",
     "DataConfig",

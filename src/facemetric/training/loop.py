@@ -70,6 +70,7 @@ from facemetric.data.folders import IdentityFolder, LoadFailure
 from facemetric.data.samplers import PKSampler
 from facemetric.data.transforms import Compose, sample_seeds, train_transform
 from facemetric.training.builders import (
+    add_aux_losses,
     build_loss,
     build_model,
     build_optimizer,
@@ -87,6 +88,7 @@ from facemetric.training.checkpoint import (
     save_checkpoint,
 )
 from facemetric.training.config import TrainConfig, check_config, load_config
+from facemetric.training.malloc import retain_freed_memory
 from facemetric.training.row_sparse_sgd import clip_grad_norm
 from facemetric.training.structure import build_structure
 
@@ -522,6 +524,7 @@ def train(
     ctx = context or DistributedContext()
     out_dir = Path(config.output_dir)
     device = ctx.device(config.train.device)
+    retain_freed_memory()  # activations re-used from the heap, not re-mapped every step
     started = time.perf_counter()
 
     existing = list_checkpoints(out_dir)
@@ -550,6 +553,7 @@ def train(
         raise ValueError("the dataset is empty")
     num_classes = int(getattr(dataset, "num_classes", int(labels.max()) + 1))
     classifier = loss is None and is_classifier_loss(config.loss)
+    pair_terms = [c.name for c in (config.loss, *config.aux_loss) if not is_classifier_loss(c)]
     b = config.batch
     sampler: Any
     refresher: Any = None  # global hard-negative mining ([mining] global_index)
@@ -564,9 +568,9 @@ def train(
     elif b.p is not None and b.k is not None:
         sampler = PKSampler(labels, b.p, b.k, seed=config.seed,
                             num_replicas=ctx.world_size, rank=ctx.rank)
-    elif loss is None and not classifier:
+    elif loss is None and pair_terms:
         raise ValueError(
-            f"the pair loss {config.loss.name!r} needs P×K batches: set [batch] p and k"
+            f"the pair loss {pair_terms[0]!r} needs P×K batches: set [batch] p and k"
         )
     else:
         sampler = ShuffledBatchSampler(len(labels), b.size, seed=config.seed,
@@ -604,6 +608,7 @@ def train(
             loss = build_partial_fc(loss, config.partial_fc.sample_rate, rank=ctx.rank,
                                     world_size=ctx.world_size, seed=config.seed,
                                     sparse_grad=sparse)
+        loss = add_aux_losses(loss, config.aux_loss, num_classes, config.model.embedding_size)
         if config.distill.enabled:
             from facemetric.training.distill import build_objective
 

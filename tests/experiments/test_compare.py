@@ -12,7 +12,7 @@ from PIL import Image
 from facemetric.evaluation import read_lfw_pairs, verification_report
 from facemetric.experiments.compare import _OrderRecorder, compare
 from facemetric.inference import embed_pairs, load_model
-from facemetric.training import load_config
+from facemetric.training import load_checkpoint, load_config
 
 SIDE = 16
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "compare"
@@ -154,6 +154,28 @@ def test_compare_refuses_bad_setups(setup, tmp_path):
     no_pk.write_text(setup["triplet"].read_text().replace("p = 3\nk = 2", "size = 6"))
     with pytest.raises(ValueError, match="p and k"):
         compare([no_pk], out_dir=tmp_path, budget_steps=1)
+
+
+AUX_COSFACE = '\n[[aux_loss]]\nname = "cosface"\nweight = 0.5\nscale = 16.0\nmargin = 0.2\n'
+
+
+def test_compare_trains_a_config_s_aux_losses(setup, tmp_path):
+    joint = setup["tmp"] / "triplet_cosface.toml"
+    joint.write_text(setup["triplet"].read_text() + AUX_COSFACE)
+    result = compare([setup["triplet"], joint], out_dir=tmp_path / "out", budget_steps=3,
+                     eval_every=100, seed=7, progress=False)
+    plain, both = result.runs
+    assert plain.data_order == both.data_order
+    # step 1: same initial backbone, same batch; the CosFace term adds 0.5 × a positive value
+    assert both.losses[0] > plain.losses[0]
+    state = load_checkpoint(both.checkpoint)["loss"]
+    assert state["terms.1.weight"].shape == (5, 8)  # centres of the 5 training identities
+
+    no_pk = setup["tmp"] / "cosface_triplet_no_pk.toml"
+    no_pk.write_text(setup["cosface"].read_text().replace("p = 3\nk = 2", "size = 6")
+                     + AUX_COSFACE.replace('"cosface"', '"triplet"').replace("scale = 16.0\n", ""))
+    with pytest.raises(ValueError, match="the pair loss 'triplet' needs"):
+        compare([no_pk], out_dir=tmp_path / "x", budget_steps=1)
 
 
 def test_order_recorder_digest_depends_on_order():

@@ -110,7 +110,9 @@ def test_short_run_learns_and_writes_outputs(faces, tmp_path):
     assert names == ["checkpoint_000000030.pt", "checkpoint_000000040.pt"]  # keep 2
     assert result.checkpoint == latest_checkpoint(result.output_dir)
     rows = _rows(result.log_csv)
-    assert list(rows[0]) == ["step", "epoch", "loss", "lr", "images_per_s", "wall_s"]
+    assert list(rows[0]) == ["step", "epoch", "loss", "lr", "images_per_s", "wall_s",
+                             "loss_terms"]
+    assert {r["loss_terms"] for r in rows} == {""}  # one loss: no parts
     assert [int(r["step"]) for r in rows] == [10, 20, 30, 40]
     assert float(rows[0]["loss"]) == pytest.approx(np.mean(result.losses[:10]), rel=1e-5)
     assert all(float(r["images_per_s"]) > 0 for r in rows)
@@ -251,6 +253,13 @@ def test_a_pair_loss_with_an_aux_classifier_trains_and_resumes_exactly(faces, tm
     assert straight.loss.weights == [1.0, 0.5]
     centres = straight.loss.state_dict()["terms.1.weight"]
     assert centres.shape == (IDENTITIES, 16)
+    # log.csv's loss_terms: each part's mean over the row's steps; loss = 1·triplet + 0.5·arcface
+    rows = _rows(straight.log_csv)
+    for row in rows:
+        parts = dict(kv.split("=") for kv in row["loss_terms"].split("; "))
+        assert list(parts) == ["0.TripletLoss", "1.ArcFaceLoss"]
+        total = float(parts["0.TripletLoss"]) + 0.5 * float(parts["1.ArcFaceLoss"])
+        assert float(row["loss"]) == pytest.approx(total, rel=1e-4)
     # the centres moved between steps 5 and 11: they are trained with the backbone
     assert not torch.equal(centres, load_checkpoint(
         straight.output_dir / "checkpoint_000000005.pt")["loss"]["terms.1.weight"])

@@ -24,8 +24,9 @@ class WeightedLossSum(nn.Module):
     loss with its miner. Weights are finite and ``> 0``; a term of weight 0 is a term to
     remove, and is refused.
 
-    ``last`` holds each term's detached value from the latest call, keyed ``"0"``, ``"1"``
-    … in the order given (for logging).
+    ``last`` holds each term's detached, unweighted value from the latest call, keyed
+    ``"<index>.<class name>"`` (``"0.NPairLoss"``, ``"1.ArcFaceLoss"``; the training loop
+    logs them in ``log.csv``'s ``loss_terms``).
 
     Raises:
         ValueError: no terms, a weight that is not finite and positive, or a term that is
@@ -52,7 +53,7 @@ class WeightedLossSum(nn.Module):
         last: dict[str, float] = {}
         for i, (w, term) in enumerate(zip(self.weights, self.terms, strict=True)):
             value = term(embeddings, labels)
-            last[str(i)] = float(value.detach())
+            last[f"{i}.{type(term).__name__}"] = float(value.detach())
             total = w * value if total is None else total + w * value
         self.last = last
         assert total is not None

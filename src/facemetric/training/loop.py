@@ -5,8 +5,11 @@ runs ``max_steps`` optimiser steps (or ``epochs`` epochs) and writes to ``output
 
 - ``checkpoint_<step>.pt`` every ``checkpoint_every`` steps and at the end (atomic, the
   newest ``keep_checkpoints`` kept; see :mod:`facemetric.training.checkpoint`);
-- ``log.csv``: ``step, epoch, loss, lr, images_per_s, wall_s`` every ``log_every`` steps
-  (``loss`` is the mean over the steps since the previous row);
+- ``log.csv``: ``step, epoch, loss, lr, images_per_s, wall_s, loss_terms`` every
+  ``log_every`` steps (``loss`` is the mean over the steps since the previous row;
+  ``loss_terms``, for an objective of several parts — ``[[aux_loss]]``, ``[distill]`` — each
+  part's unweighted mean over the same steps on this process, ``name=value; ...``, else
+  empty);
 - ``loss_curve.png`` at the end (per-step loss and its running mean);
 - ``config.json``: the configuration the run used.
 
@@ -94,7 +97,7 @@ from facemetric.training.structure import build_structure
 
 logger = logging.getLogger(__name__)
 
-LOG_FIELDS = ("step", "epoch", "loss", "lr", "images_per_s", "wall_s")
+LOG_FIELDS = ("step", "epoch", "loss", "lr", "images_per_s", "wall_s", "loss_terms")
 #: [train] keys that may change between a run and its resumption without a warning
 _RESUME_FREE_KEYS = {
     "train.epochs", "train.max_steps", "train.log_every", "train.checkpoint_every",
@@ -699,6 +702,7 @@ def train(
                disable=not (progress and ctx.is_main), desc="train")
     window_start = time.perf_counter()
     window_steps = 0
+    window_terms: dict[str, list[float]] = {}  # the objective's parts (its ``last``), per step
     run_images = 0
     try:
         while step < total_steps:
@@ -771,6 +775,8 @@ def train(
                 if batch_in_epoch == steps_per_epoch:
                     epoch, batch_in_epoch = epoch + 1, 0
                 history.append(sum(values) / len(values))
+                for part, part_value in getattr(loss, "last", {}).items():
+                    window_terms.setdefault(part, []).append(part_value)
                 window_steps += 1
                 run_images += batch_images
                 bar.update(1)
@@ -786,9 +792,10 @@ def train(
                     bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.3g}")
                     if log is not None:
                         wall = elapsed_before + now - started
+                        terms = "; ".join(f"{k}={np.mean(v):.6g}" for k, v in window_terms.items())
                         log.write([step, step_epoch, f"{mean:.6g}", f"{lr:.6g}",
-                                   f"{rate:.1f}", f"{wall:.2f}"])
-                    window_start, window_steps = now, 0
+                                   f"{rate:.1f}", f"{wall:.2f}", terms])
+                    window_start, window_steps, window_terms = now, 0, {}
                 if step % config.train.checkpoint_every == 0 or step == total_steps:
                     if ctx.world_size > 1:  # a collective: sharded centres are gathered
                         from facemetric.training.distributed import gather_sharded_state

@@ -5,11 +5,12 @@ glibc's ``malloc`` serves a request above its mmap threshold (128 KiB, rising wi
 freed up to 32 MiB) with a fresh ``mmap`` and gives it back with ``munmap`` when freed, and
 trims the top of the heap beyond ``M_TRIM_THRESHOLD``. A CPU training step allocates and
 frees the same tens of megabytes of activations every step, so every step the kernel maps and
-zero-fills them again: 64×64 MobileFaceNet, P×K = 64, N-pair, two threads — **1.9 M minor
-page faults in 25 steps and half the CPU time in the kernel; after
-:func:`retain_freed_memory`, 0.34 M faults, 2.4 s of system time in 60 s, and the median
-step 1.15–1.25× faster** (``docs/benchmarks.md``, "Training throughput"). The cost: the
-process keeps its peak heap instead of returning it to the system between steps.
+zero-fills them again. Measured with ``benchmarks/malloc.py`` (64×64 MobileFaceNet, N-pair on
+P×K = 64 batches of LFW, 30 steps, a fresh process each): **2.06–2.12 M minor page faults
+and 8–9 s of system time per process at glibc's defaults; 0.37 M faults and 2.1–2.5 s after
+:func:`retain_freed_memory`; 1.16× the loop's img/s** (``docs/benchmarks.md``, "Training
+throughput"). The cost: the process keeps its peak heap instead of returning it to the system
+between steps.
 
 The setting is process-wide (``mallopt``); :func:`~facemetric.training.loop.train` applies it
 when it starts. Processes forked after it (DataLoader workers) inherit it.
@@ -27,7 +28,8 @@ logger = logging.getLogger(__name__)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 #: 1 GiB: larger than any activation of the CPU runs here. (32 MiB, the most older glibc
-#: accepts, left the step above at 1.26 M faults; glibc 2.36 takes 1 GiB.)
+#: accepts, removed only about a third of the faults in a check on the bare training step;
+#: glibc 2.36 takes 1 GiB.)
 DEFAULT_THRESHOLD = 1 << 30
 OLD_GLIBC_MAX = 32 * 1024 * 1024
 

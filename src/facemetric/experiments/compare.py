@@ -87,7 +87,7 @@ from facemetric.training.builders import (
     add_aux_losses,
     build_loss,
     build_model,
-    is_classifier_loss,
+    pair_loss_names,
 )
 from facemetric.training.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints
 from facemetric.training.config import TrainConfig, config_from_dict, load_config
@@ -698,7 +698,7 @@ def compare(
         cfg.train.checkpoint_every = checkpoint_every  # what a killed compare resumes from
         # the previous checkpoint must survive until the record of the newest is written
         cfg.train.keep_checkpoints = max(2, cfg.train.keep_checkpoints)
-        pair = [c.name for c in (cfg.loss, *cfg.aux_loss) if not is_classifier_loss(c)]
+        pair = pair_loss_names([cfg.loss, *cfg.aux_loss])
         if cfg.batch.p is None and pair:
             raise ValueError(f"{name}: the pair loss {pair[0]!r} needs [batch] p and k")
     _check_same_data(loaded, names)

@@ -195,6 +195,12 @@ def is_classifier_loss(config: LossConfig) -> bool:
     return loss_entry(config.name).classifier
 
 
+def pair_loss_names(configs: Iterable[LossConfig]) -> list[str]:
+    """The names of the pair losses (those that need P×K batches) among ``configs`` — a
+    config's ``[loss]`` and ``[[aux_loss]]`` sections."""
+    return [c.name for c in configs if not is_classifier_loss(c)]
+
+
 def build_loss(config: LossConfig, num_classes: int, embedding_size: int) -> nn.Module:
     """The configured loss, with its miner and distance.
 
@@ -419,6 +425,7 @@ __all__ = [
     "check_loss_config",
     "is_classifier_loss",
     "loss_entry",
+    "pair_loss_names",
     "parameter_groups",
     "register_loss",
 ]

@@ -80,6 +80,7 @@ from facemetric.training.builders import (
     build_partial_fc,
     build_scheduler,
     is_classifier_loss,
+    pair_loss_names,
 )
 from facemetric.training.checkpoint import (
     atomic_write,
@@ -556,7 +557,7 @@ def train(
         raise ValueError("the dataset is empty")
     num_classes = int(getattr(dataset, "num_classes", int(labels.max()) + 1))
     classifier = loss is None and is_classifier_loss(config.loss)
-    pair_terms = [c.name for c in (config.loss, *config.aux_loss) if not is_classifier_loss(c)]
+    pair_terms = pair_loss_names([config.loss, *config.aux_loss])
     b = config.batch
     sampler: Any
     refresher: Any = None  # global hard-negative mining ([mining] global_index)

@@ -163,3 +163,37 @@ def test_distill_refuses_global_mining(tree, tmp_path):
             "data": {"root": str(faces)}, "loss": {"name": "triplet"},
             "batch": {"p": 4, "k": 2}, "mining": {"global_index": True, "neighbours": 1},
             "distill": {"teacher": str(teacher)}})
+
+
+def test_a_teacher_initialised_dlib_student(tree, tmp_path):
+    """``[model] name = "dlib_resnet", options = {weights = "dlib"}``: the student starts from
+    dlib's weights (here at 112 px), trains, and its run loads as an arcface112 encoder."""
+    pytest.importorskip("dlib")
+    from facemetric.models.dlib_resnet import dlib_resnet
+
+    faces, teacher = tree
+    cfg = config_from_dict({
+        "seed": 1, "output_dir": str(tmp_path / "dlib_student"),
+        "data": {"root": str(faces), "image_size": SIDE},
+        "model": {"name": "dlib_resnet", "embedding_size": 128,
+                  "options": {"input_size": SIDE, "weights": "dlib"}},
+        "loss": {"name": "arcface"},
+        "optimizer": {"name": "adamw", "lr": 1e-5, "weight_decay": 0.0},
+        "batch": {"size": 6},
+        "train": {"max_steps": 2, "checkpoint_every": 2, "log_every": 1, "device": "cpu"},
+        "distill": {"teacher": str(teacher), "label": 0.0, "embedding": 1.0},
+    })
+    result = train(cfg, progress=False)
+    dlib_weights = dlib_resnet(weights="dlib", input_size=SIDE).state_dict()
+    random_init = dlib_resnet(input_size=SIDE).state_dict()
+    trained = result.model.state_dict()
+    moved = max((trained[k] - dlib_weights[k]).abs().max().item() for k in dlib_weights)
+    far = max((random_init[k] - dlib_weights[k]).abs().max().item() for k in dlib_weights)
+    assert 0 < moved < 1e-3 < far  # trained, from dlib's weights, not from scratch
+    encoder = load_model(tmp_path / "dlib_student", flip_test=False)
+    assert encoder.contract.backbone == "dlib_resnet" and encoder.contract.input_size == SIDE
+    image = load_image(next(faces.glob("P0/*.png")))
+    x = torch.from_numpy(image.transpose(2, 0, 1)[None].astype(np.float32) / 127.5 - 1.0)
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(result.model.eval()(x), dim=1).numpy()
+    assert np.abs(encoder.embed_faces(image[None]) - expected).max() < 1e-5

@@ -1,5 +1,6 @@
 """Backbones for 112×112 faces, built by name: ``build_model("iresnet50")``."""
 
+from facemetric.models.dlib_resnet import DlibResNet, dlib_resnet
 from facemetric.models.iresnet import (
     IResidualUnit,
     IResNet,
@@ -20,6 +21,7 @@ from facemetric.models.small_cnn import SmallFaceCNN, small_cnn
 
 __all__ = [
     "INPUT_SIZE",
+    "DlibResNet",
     "IResNet",
     "IResidualUnit",
     "MobileFaceNet",
@@ -27,6 +29,7 @@ __all__ = [
     "available_models",
     "build_model",
     "check_face_batch",
+    "dlib_resnet",
     "iresnet18",
     "iresnet34",
     "iresnet50",

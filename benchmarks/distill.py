@@ -19,6 +19,21 @@ without it; ``--onnx`` adds the exported student under ONNX Runtime (one thread)
 checks it against torch on the same faces (max absolute difference of the unit rows).
 ``--quick``: 24 photos, 2 repeats.
 
+**port** — dlib's network ported to torch (``facemetric.models.dlib_resnet``): its
+descriptors against dlib's own on the same ``dlib150`` chips (max |Δ| of the raw
+descriptors), both engines of ``DlibEncoder`` timed as above, and, before any training, what
+dlib's weights give on facemetric's ``arcface112`` crops read at ``--sizes`` (pairsDevTest,
+10 folds, flip test): the starting point of the teacher-initialised student.
+
+    .venv/bin/python benchmarks/distill.py port --lfw ../shared/data/lfw --aligned cache \
+        --images 96 --sizes 112 150
+
+**curve** — every checkpoint of a run on pairsDevTest (10 folds, no flip test, to halve
+the time) against the training loss in its ``log.csv``; one plot (``--plot``).
+
+    .venv/bin/python benchmarks/distill.py curve --student runs/distill/dlib_resnet150 \
+        --lfw ../shared/data/lfw --aligned cache --plot docs/img/distill_dlib_resnet150.png
+
 **eval** — the same calls ``make demo`` makes (``facemetric.evaluation.run.evaluate``):
 pairsDevTest on the ``arcface112`` LFW faces (``<aligned>/lfw112``), CFP-FF and CFP-FP on
 ``<aligned>/cfp112``; the reports go to ``--out`` (default ``<run>_eval/`` beside the run).
@@ -32,6 +47,7 @@ import argparse
 import json
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,8 +108,10 @@ def cmd_speed(args: argparse.Namespace) -> dict:
     crops, chips = faces_for_both(args.lfw, count)
     print(f"{len(crops)} DevTest faces; batch {args.batch}; {repeats} timed passes; 1 thread")
     rows: dict[str, float] = {}
-    rows["dlib ResNet (150 px chips)"] = time_encoder(load_model("dlib"), chips, args.batch,
-                                                      repeats)
+    from facemetric.inference.dlib import DlibEncoder
+
+    rows["dlib ResNet (150 px chips)"] = time_encoder(DlibEncoder(engine="dlib"), chips,
+                                                      args.batch, repeats)
     student = load_model(args.student)
     c = student.contract
     label = f"student {c.backbone} {c.input_size} px D={c.embedding_size}, torch"
@@ -122,6 +140,87 @@ def cmd_speed(args: argparse.Namespace) -> dict:
     print(machine_state())
     return {"img_per_s_per_core": rows, "faces": len(crops), "onnx_vs_torch": agreement,
             "state": machine_state()}
+
+
+def cmd_port(args: argparse.Namespace) -> dict:
+    from facemetric.evaluation.run import evaluate
+    from facemetric.inference.contract import ModelContract
+    from facemetric.inference.dlib import DlibEncoder
+    from facemetric.inference.encoder import TorchEncoder
+    from facemetric.models.dlib_resnet import dlib_resnet
+
+    torch.set_num_threads(1)
+    print(machine_state())
+    _, chips = faces_for_both(args.lfw, args.images)
+    engines = {name: DlibEncoder(engine=name) for name in ("dlib", "torch")}
+    raw = {name: enc._forward(chips) for name, enc in engines.items()}
+    diff = float(np.abs(raw["torch"] - raw["dlib"]).max())
+    print(f"{len(chips)} DevTest dlib150 chips: torch port vs dlib, max |Δ| of the raw "
+          f"descriptors {diff:.2e} (largest |value| {np.abs(raw['dlib']).max():.3f})")
+    rates = {name: time_encoder(enc, chips, args.batch, args.repeats)
+             for name, enc in engines.items()}
+    print(f"img/s per core: dlib {rates['dlib']:.1f}, torch port {rates['torch']:.1f} "
+          f"({rates['torch'] / rates['dlib']:.2f}×)")
+    torch.set_num_threads(args.threads)
+    accuracy = {}
+    reports = tempfile.TemporaryDirectory()
+    for size in args.sizes:
+        contract = ModelContract(backbone="dlib_resnet", input_size=size, template="arcface112",
+                                 embedding_size=128, weights_sha256=engines["torch"]
+                                 .contract.weights_sha256, flip_test=True, source="dlib")
+        encoder = TorchEncoder(dlib_resnet(weights="dlib", input_size=size).eval(), contract)
+        res = evaluate(encoder, data_root=args.aligned / "lfw112",
+                       pairs_file=args.lfw / "pairsDevTest.txt",
+                       out_dir=Path(reports.name) / f"untrained{size}")
+        r = res.report
+        accuracy[size] = {"accuracy": float(r.accuracy), "accuracy_std": float(r.accuracy_std),
+                          "auc": float(r.auc), "eer": float(r.eer)}
+        print(f"dlib's weights, untrained, arcface112 crops at {size} px: pairsDevTest "
+              f"{100 * r.accuracy:.2f} ± {100 * r.accuracy_std:.2f}% (AUC {r.auc:.4f})")
+    reports.cleanup()
+    print(machine_state())
+    return {"max_abs_diff": diff, "img_per_s_per_core": rates, "untrained_accuracy": accuracy,
+            "faces": len(chips), "state": machine_state()}
+
+
+def cmd_curve(args: argparse.Namespace) -> dict:
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from facemetric.evaluation.run import evaluate
+    from facemetric.inference import load_model
+
+    torch.set_num_threads(args.threads)
+    run = Path(args.student)
+    points = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for ckpt in sorted(run.glob("checkpoint_*.pt")):
+            step = int(ckpt.stem.split("_")[1])
+            res = evaluate(load_model(ckpt, flip_test=False), data_root=args.aligned / "lfw112",
+                           pairs_file=args.lfw / "pairsDevTest.txt", out_dir=Path(tmp) / ckpt.stem)
+            points.append((step, float(res.report.accuracy), float(res.report.accuracy_std)))
+            print(f"step {step}: pairsDevTest (no flip) {100 * res.report.accuracy:.2f} ± "
+                  f"{100 * res.report.accuracy_std:.2f}%")
+    with open(run / "log.csv", newline="") as handle:
+        log = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(handle)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([s for s, _ in log], [v for _, v in log], color="tab:blue")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (1 − cos to the teacher)", color="tab:blue")
+    right = ax.twinx()
+    right.errorbar([p[0] for p in points], [100 * p[1] for p in points],
+                   yerr=[100 * p[2] for p in points], color="tab:red", marker="o", capsize=3)
+    right.set_ylabel("pairsDevTest accuracy, % (no flip; ± fold std)", color="tab:red")
+    ax.set_title(f"{run.name}: distillation from dlib, DevTrain only")
+    fig.tight_layout()
+    if args.plot is not None:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.plot, dpi=110)
+    return {"checkpoints": points, "state": machine_state()}
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
@@ -172,6 +271,22 @@ def main() -> None:
     sp.add_argument("--batch", type=int, default=32)
     sp.add_argument("--quick", action="store_true", help="24 faces, 2 passes")
     sp.set_defaults(func=cmd_speed)
+    po = sub.add_parser("port", help="dlib's network in torch against dlib")
+    po.add_argument("--lfw", type=Path, required=True)
+    po.add_argument("--aligned", type=Path, default=Path("cache"))
+    po.add_argument("--images", type=int, default=96)
+    po.add_argument("--repeats", type=int, default=3)
+    po.add_argument("--batch", type=int, default=32)
+    po.add_argument("--threads", type=int, default=2, help="for the accuracy part")
+    po.add_argument("--sizes", type=int, nargs="+", default=[112, 150])
+    po.set_defaults(func=cmd_port)
+    cu = sub.add_parser("curve", help="pairsDevTest of every checkpoint, with the loss")
+    cu.add_argument("--student", required=True, help="run folder")
+    cu.add_argument("--lfw", type=Path, required=True)
+    cu.add_argument("--aligned", type=Path, default=Path("cache"))
+    cu.add_argument("--threads", type=int, default=2)
+    cu.add_argument("--plot", type=Path, default=None)
+    cu.set_defaults(func=cmd_curve)
     ev = sub.add_parser("eval", help="LFW pairsDevTest, CFP-FF, CFP-FP of the student")
     ev.add_argument("--student", required=True)
     ev.add_argument("--lfw", type=Path, required=True)

@@ -23,9 +23,10 @@ def dlib_net() -> dlib.face_recognition_model_v1:
     return dlib.face_recognition_model_v1(str(model_file(MODEL_FILE)))
 
 
-@pytest.fixture(scope="module")
-def encoder() -> DlibEncoder:
-    return DlibEncoder()
+@pytest.fixture(scope="module", params=["torch", "dlib"])
+def encoder(request) -> DlibEncoder:
+    """Both engines: the torch port (the default) and dlib's own network."""
+    return DlibEncoder(engine=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,18 @@ def test_load_model_dlib():
     assert isinstance(enc, DlibEncoder) and not enc.contract.flip_test
     assert enc.thresholds is None
     assert load_model("dlib", flip_test=True).contract.flip_test
+
+
+def test_engines_agree_and_share_the_fingerprint():
+    torch_enc, dlib_enc = DlibEncoder(), DlibEncoder(engine="dlib")
+    assert torch_enc.engine == "torch" and torch_enc.contract.extra["engine"] == "torch"
+    assert torch_enc.contract.fingerprint() == dlib_enc.contract.fingerprint()
+    rng = np.random.default_rng(3)
+    chips = cv2.resize(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8), (150, 150))
+    chips = np.stack([chips, chips[::-1].copy()])
+    assert np.abs(torch_enc.embed_faces(chips) - dlib_enc.embed_faces(chips)).max() < 1e-5
+    with pytest.raises(ValueError, match="engine must be one of"):
+        DlibEncoder(engine="onnx")
 
 
 def test_missing_model_file_is_reported(tmp_path):
@@ -115,7 +128,7 @@ def test_other_chip_sizes_are_resized_and_flip_test(lfw_pair_images, encoder, dl
     big = cv2.resize(chip, (300, 300), interpolation=cv2.INTER_LINEAR)
     assert float(encoder.embed_faces(big)[0] @ base[0]) > 0.99
     # flip test: normalise(d(x) + d(mirror(x))), with dlib's own descriptors
-    flipped = DlibEncoder(flip_test=True).embed_faces(chip[None])[0]
+    flipped = DlibEncoder(flip_test=True, engine=encoder.engine).embed_faces(chip[None])[0]
     d_x = np.asarray(dlib_net.compute_face_descriptor(chip))
     d_m = np.asarray(dlib_net.compute_face_descriptor(np.ascontiguousarray(chip[:, ::-1])))
     np.testing.assert_allclose(flipped, _unit(d_x + d_m), atol=1e-5)

@@ -9,7 +9,15 @@ from torch import nn
 from facemetric.models import available_models, build_model, check_face_batch, registry
 from facemetric.models import register_model as public_register_model
 
-ALL = ["dlib_resnet", "iresnet100", "iresnet18", "iresnet34", "iresnet50", "mobilefacenet", "small_cnn"]
+ALL = [
+    "dlib_resnet",
+    "iresnet100",
+    "iresnet18",
+    "iresnet34",
+    "iresnet50",
+    "mobilefacenet",
+    "small_cnn",
+]
 
 
 def test_available_models_lists_every_backbone_sorted():

@@ -13,6 +13,14 @@ close to, not exactly, dlib's raw distance (Spearman correlation 0.988 on 120 of
 pairs, both with AUC 1.0). dlib's 0.6 is therefore no cosine threshold: calibrate one
 (``facemetric.inference.calibration``).
 
+Two engines give the same descriptors: ``"torch"`` (the default) runs the network ported
+to torch (:mod:`facemetric.models.dlib_resnet`, weights read from the same file; max
+|Δ| < 5e-6 against dlib's on real faces, ``tests/models/test_dlib_resnet.py``), 12× faster
+per core than ``"dlib"`` on this project's 2-core machine (``benchmarks/distill.py port``:
+86.6 vs 7.2 img/s), which calls dlib's own ``face_recognition_model_v1``. The engine
+is recorded in ``contract.extra`` and does not change the fingerprint: a gallery enrolled
+with one engine is searched with the other.
+
 Contract: backbone ``"dlib_resnet_v1"``, template ``"dlib150"``, input 150 px, ``D = 128``,
 no flip test by default (dlib's descriptor is used without one), ``weights_sha256`` the
 SHA-256 of the ``.dat`` file's bytes, source ``"dlib"``. ``mean``/``std`` are recorded as
@@ -28,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from facemetric.data.transforms import Resize
 from facemetric.inference.contract import ModelContract
@@ -41,17 +50,29 @@ CHIP_SIZE = 150
 EMBEDDING_SIZE = 128
 
 
-@functools.cache
-def _load(path: str) -> tuple[Any, str]:
-    """``(dlib.face_recognition_model_v1, SHA-256 of the file)``, once per process."""
-    from facemetric.align.detect import _dlib
+ENGINES = ("torch", "dlib")
 
-    dlib = _dlib()
+
+@functools.cache
+def _sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    return dlib.face_recognition_model_v1(path), digest.hexdigest()
+    return digest.hexdigest()
+
+
+@functools.cache
+def _load(path: str, engine: str) -> Any:
+    """The network behind ``engine`` (dlib's object, or the torch port in eval mode), once
+    per process and file."""
+    if engine == "dlib":
+        from facemetric.align.detect import _dlib
+
+        return _dlib().face_recognition_model_v1(path)
+    from facemetric.models.dlib_resnet import dlib_resnet
+
+    return dlib_resnet(weights=path).eval().to(memory_format=torch.channels_last)
 
 
 class DlibEncoder(Encoder):
@@ -61,17 +82,24 @@ class DlibEncoder(Encoder):
         flip_test: add the mirror image's descriptor before normalising (off by default).
         model_path: another copy of ``dlib_face_recognition_resnet_model_v1.dat``; by default
             the one in ``face_recognition_models``.
+        engine: ``"torch"`` (the port, default) or ``"dlib"`` (dlib's own network).
 
     Raises:
         ImportError: dlib or ``face_recognition_models`` is missing (with the install hint).
+        ValueError: an unknown engine.
 
-    dlib does not promise safe concurrent calls on one network: use one encoder per thread
-    or processes.
+    Neither engine promises safe concurrent calls on one network: use one encoder per
+    thread or processes.
     """
 
     def __init__(
-        self, flip_test: bool = False, model_path: str | os.PathLike[str] | None = None
+        self,
+        flip_test: bool = False,
+        model_path: str | os.PathLike[str] | None = None,
+        engine: str = "torch",
     ) -> None:
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         if model_path is None:
             from facemetric.align.detect import model_file
 
@@ -81,7 +109,9 @@ class DlibEncoder(Encoder):
             if not path.is_file():
                 raise FileNotFoundError(f"no dlib descriptor model file {path}")
         self.model_path = path.resolve()
-        self._net, sha = _load(str(self.model_path))
+        self.engine = engine
+        self._net = _load(str(self.model_path), engine)
+        sha = _sha256(str(self.model_path))
         self.contract = ModelContract(
             backbone=BACKBONE,
             input_size=CHIP_SIZE,
@@ -92,11 +122,11 @@ class DlibEncoder(Encoder):
             std=(1.0, 1.0, 1.0),
             flip_test=flip_test,
             source="dlib",
-            extra={"model_file": str(self.model_path)},
+            extra={"model_file": str(self.model_path), "engine": engine},
         )
 
     def _forward(self, faces: np.ndarray) -> np.ndarray:
-        """``(b, T, T, 3)`` uint8 chips → ``(b, 128)`` raw descriptors (dlib's batch call);
+        """``(b, T, T, 3)`` uint8 chips → ``(b, 128)`` raw descriptors (one batch call);
         chips of another size are resized to 150×150 first (area when shrinking). Resizing
         does not re-align: an ``arcface112`` crop is framed differently from dlib's chip
         and gives worse descriptors; make ``dlib150`` chips with ``warp_to_template``."""
@@ -104,11 +134,16 @@ class DlibEncoder(Encoder):
             resize = Resize(CHIP_SIZE)
             rng = np.random.default_rng(0)
             faces = np.stack([resize(f, rng) for f in faces])
-        chips = [np.ascontiguousarray(f, dtype=np.uint8) for f in faces]
-        if not chips:
+        if len(faces) == 0:
             return np.zeros((0, EMBEDDING_SIZE), dtype=np.float32)
+        if self.engine == "torch":
+            x = torch.from_numpy(np.ascontiguousarray(faces.transpose(0, 3, 1, 2)))
+            x = (x.float() / 127.5 - 1.0).contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                return self._net(x).numpy().astype(np.float32)
+        chips = [np.ascontiguousarray(f, dtype=np.uint8) for f in faces]
         descriptors = self._net.compute_face_descriptor(chips)
         return np.asarray([np.asarray(d) for d in descriptors], dtype=np.float32)
 
 
-__all__ = ["BACKBONE", "MODEL_FILE", "DlibEncoder"]
+__all__ = ["BACKBONE", "ENGINES", "MODEL_FILE", "DlibEncoder"]

@@ -80,7 +80,7 @@ def final_map_size(input_size: int) -> int:
     0 where a stride-2 convolution would get a map smaller than its 3×3 kernel."""
     side = stem_side(input_size)
     for _, stride in UNITS:
-        if side < 3:
+        if stride == 2 and side < 3:
             return 0
         side = max(branch_sides(side, stride))
     return side

@@ -28,6 +28,15 @@ dlib's weights give on facemetric's ``arcface112`` crops read at ``--sizes`` (pa
     .venv/bin/python benchmarks/distill.py port --lfw ../shared/data/lfw --aligned cache \
         --images 96 --sizes 112 150
 
+**cache** — time a teacher-cache build for a training config from nothing: the config's
+existing ``<root>/.teacher`` is moved to ``--aside`` (kept; a rerun reuses what is there),
+the cache is rebuilt as ``facemetric distill`` builds it (``load_model("dlib")``: the torch
+engine), and its rows are compared with the set-aside ones (built earlier, e.g. with dlib's
+engine).
+
+    .venv/bin/python benchmarks/distill.py cache --config configs/distill_dlib_resnet150.toml \
+        --aside cache/lfw112_teacher_dlib_engine
+
 **curve** — every checkpoint of a run on pairsDevTest (10 folds, no flip test, to halve
 the time) against the training loss in its ``log.csv``; one plot (``--plot``).
 
@@ -183,6 +192,38 @@ def cmd_port(args: argparse.Namespace) -> dict:
             "faces": len(chips), "state": machine_state()}
 
 
+def cmd_cache(args: argparse.Namespace) -> dict:
+    import shutil
+
+    from facemetric.training.config import load_config
+    from facemetric.training.distill import load_teacher
+    from facemetric.training.loop import build_dataset
+
+    print(machine_state())
+    config = load_config(args.config)
+    dataset = build_dataset(config)
+    cache_dir = Path(dataset.root) / ".teacher"
+    if not args.aside.exists():
+        shutil.move(str(cache_dir), str(args.aside))
+    elif cache_dir.exists():
+        shutil.rmtree(cache_dir)
+    start = time.perf_counter()
+    load_teacher(config, dataset, progress=False)
+    seconds = time.perf_counter() - start
+    new = {p.name: np.load(p) for p in cache_dir.glob("*.npy")}
+    old = {p.name: np.load(p) for p in args.aside.glob("*.npy")}
+    result: dict = {"seconds": seconds, "rows": sum(len(a) for a in new.values()),
+                    "workers": config.distill.workers, "state": machine_state()}
+    print(f"{result['rows']} teacher rows in {seconds:.1f} s ({config.distill.workers} workers)")
+    for name in sorted(set(new) & set(old)):
+        diff = float(np.abs(new[name] - old[name]).max())
+        cosine = float((new[name] * old[name]).sum(1).min())
+        result[name] = {"max_abs_diff": diff, "min_cosine": cosine}
+        print(f"{name}: max |Δ| vs the set-aside rows {diff:.2e}, min cosine {cosine:.8f}")
+    print(machine_state())
+    return result
+
+
 def cmd_curve(args: argparse.Namespace) -> dict:
     import csv
 
@@ -280,6 +321,10 @@ def main() -> None:
     po.add_argument("--threads", type=int, default=2, help="for the accuracy part")
     po.add_argument("--sizes", type=int, nargs="+", default=[112, 150])
     po.set_defaults(func=cmd_port)
+    ca = sub.add_parser("cache", help="time a teacher-cache build, compare with an old one")
+    ca.add_argument("--config", type=Path, required=True)
+    ca.add_argument("--aside", type=Path, required=True, help="where the old cache goes")
+    ca.set_defaults(func=cmd_cache)
     cu = sub.add_parser("curve", help="pairsDevTest of every checkpoint, with the loss")
     cu.add_argument("--student", required=True, help="run folder")
     cu.add_argument("--lfw", type=Path, required=True)

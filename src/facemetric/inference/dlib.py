@@ -41,15 +41,16 @@ import torch
 from facemetric.data.transforms import Resize
 from facemetric.inference.contract import ModelContract
 from facemetric.inference.encoder import Encoder
-
-MODEL_FILE = "dlib_face_recognition_resnet_model_v1.dat"
-"""The descriptor's weights in ``face_recognition_models``."""
+from facemetric.models.dlib_resnet import (
+    DLIB_EMBEDDING_SIZE,
+    DLIB_INPUT_SIZE,
+    MODEL_FILE,
+    dlib_model_path,
+)
 
 BACKBONE = "dlib_resnet_v1"
-CHIP_SIZE = 150
-EMBEDDING_SIZE = 128
-
-
+CHIP_SIZE = DLIB_INPUT_SIZE
+EMBEDDING_SIZE = DLIB_EMBEDDING_SIZE
 ENGINES = ("torch", "dlib")
 
 
@@ -101,9 +102,7 @@ class DlibEncoder(Encoder):
         if engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
         if model_path is None:
-            from facemetric.align.detect import model_file
-
-            path = model_file(MODEL_FILE)
+            path = dlib_model_path()
         else:
             path = Path(model_path)
             if not path.is_file():

@@ -57,6 +57,7 @@ UNITS: tuple[tuple[int, int], ...] = (
 """``(channels, stride)`` of the 14 residual units, input to output."""
 
 MODEL_FILE = "dlib_face_recognition_resnet_model_v1.dat"
+"""The descriptor's weights in ``face_recognition_models``."""
 MIN_INPUT_SIZE = 103
 """The smallest input :class:`DlibResNet` takes (:func:`final_map_size` is 0 below it)."""
 

@@ -43,7 +43,9 @@ def test_freed_tensors_are_reused_without_page_faults() -> None:
     pages = 48 * 2**20 // 4096  # 12,288 pages per allocation
     default, retained = _faults("off"), _faults("on")
     assert default >= 9 * pages  # glibc maps and zero-fills the block again every time
-    assert retained < pages  # the freed block is reused from the heap
+    # the freed block is reused from the heap: at most one of the ten allocations touches
+    # fresh pages (a clean-clone CI run once counted exactly one block, 12,288 faults)
+    assert retained < 2 * pages
 
 
 def test_a_threshold_below_glibc_default_is_refused() -> None:

@@ -28,9 +28,12 @@ def test_readme_names_the_two_commands():
 
 def test_readme_recognition_example_runs(lfw_root, tmp_path, monkeypatch):
     """The recognition example, with its file names pointed at real LFW photos and a real
-    (small, calibrated) checkpoint."""
+    (small, calibrated) checkpoint exported and installed as the default model in a
+    throwaway ``FACEMETRIC_HOME``."""
     from facemetric.inference import CALIBRATION_FILE, ThresholdTable, load_model
     from facemetric.inference.calibration import CalibrationEntry
+    from facemetric.inference.default import HOME_ENV, install_default_model
+    from facemetric.inference.onnx import export_onnx
     from facemetric.models import build_model
     from facemetric.training import config_from_dict, save_checkpoint
 
@@ -45,6 +48,8 @@ def test_readme_recognition_example_runs(lfw_root, tmp_path, monkeypatch):
     fingerprint = load_model(run).contract.fingerprint()
     ThresholdTable(fingerprint, (CalibrationEntry(1e-3, 0.9, 1, 1000),), "test", 1000, 0).save(
         run / CALIBRATION_FILE)
+    monkeypatch.setenv(HOME_ENV, str(tmp_path / "home"))
+    installed = install_default_model(export_onnx(load_model(run), tmp_path / "model.onnx"))
     photos = sorted((lfw_root / "lfw-deepfunneled" / "Colin_Powell").glob("*.jpg"))[:5]
     names = ["ada1.jpg", "ada2.jpg", "a.jpg", "b.jpg", "who.jpg"]
     monkeypatch.chdir(tmp_path)
@@ -53,5 +58,6 @@ def test_readme_recognition_example_runs(lfw_root, tmp_path, monkeypatch):
     namespace: dict[str, object] = {}
     exec(compile(block, str(README), "exec"), namespace)
     rec = namespace["rec"]
+    assert rec.contract.fingerprint() == fingerprint == installed.fingerprint
     assert rec.store.version("default") == 2  # enrolled, then removed
     assert "Ada Lovelace" not in rec.persons

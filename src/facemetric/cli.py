@@ -19,6 +19,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         result = run_lfw_demo(
             data, out_dir=Path(args.out), cache_dir=Path(args.cache), max_steps=args.steps,
             config_file=Path(args.config) if args.config else DEMO_CONFIG_FILE,
+            student=args.student, student_steps=args.student_steps,
+            install_default=args.install_default,
         )
     else:
         from facemetric.experiments.orl import run_orl_example
@@ -217,6 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=None, help="training steps (default 680)")
     demo.add_argument("--config", default=None,
                       help="training configuration (default: configs/demo_lfw.toml)")
+    demo.add_argument("--student", action=argparse.BooleanOptionalAction, default=True,
+                      help="also distil dlib into the deployable student, export it to ONNX "
+                           "and evaluate it (LFW demo; default: on)")
+    demo.add_argument("--student-steps", type=int, default=None,
+                      help="the student's training steps (default 400)")
+    demo.add_argument("--install-default", action=argparse.BooleanOptionalAction,
+                      default=True,
+                      help="install the student's export as the recognition API's default "
+                           "model (default: on; see `facemetric default-model`)")
     demo.set_defaults(func=_cmd_demo)
 
     train = sub.add_parser("train", help="train a face-embedding model from a TOML config")

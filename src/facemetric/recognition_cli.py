@@ -11,7 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-MODEL_HELP = "a training run folder, checkpoint_*.pt, an exported .onnx file, or 'dlib'"
+MODEL_HELP = ("a training run folder, checkpoint_*.pt, an exported .onnx file, 'dlib', or "
+              "'default' (the installed default model: `facemetric default-model`)")
 
 
 def _print_json(value: Any) -> None:
@@ -50,6 +51,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from facemetric.inference import CALIBRATION_FILE, load_model
     from facemetric.inference.checkpoint import resolve_checkpoint
 
+    if args.out is None and str(args.model) in ("dlib", "default"):
+        what = ("dlib's model is read-only" if str(args.model) == "dlib" else
+                "the installed default model is never changed in place (a running service "
+                "may be using it): calibrate the .onnx file it was installed from and "
+                "install that again, or")
+        raise ValueError(f"{what}: pass --out FILE for its threshold table")
     encoder = load_model(args.model)
     table = calibrate_model(
         encoder,
@@ -65,8 +72,6 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     )
     if args.out is not None:
         where = table.save(Path(args.out))
-    elif str(args.model) == "dlib":
-        raise ValueError("dlib's model is read-only: pass --out FILE for its threshold table")
     elif Path(args.model).suffix.lower() == ".onnx":
         from facemetric.inference.onnx import write_thresholds
 
@@ -78,6 +83,26 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     else:
         print(table.summary())
         print(f"saved to {where}")
+    return 0
+
+
+def _cmd_default_model(args: argparse.Namespace) -> int:
+    from facemetric.inference.default import (
+        INSTALL_HELP,
+        install_default_model,
+        installed_default,
+        models_dir,
+    )
+
+    if args.model is not None:
+        model = install_default_model(Path(args.model))
+        print("installed " + model.summary())
+        return 0
+    current = installed_default()
+    if current is None:
+        print(f"no default model is installed in {models_dir()}: {INSTALL_HELP}")
+        return 1
+    print(current.summary())
     return 0
 
 
@@ -248,7 +273,7 @@ def _recognizer_for_reembed(args: argparse.Namespace) -> Any:
 
 
 def _common(p: argparse.ArgumentParser, gallery: bool) -> None:
-    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--model", default="default", help=MODEL_HELP + " (default: 'default')")
     if gallery:
         p.add_argument("--collection", default="default", help="gallery collection")
     p.add_argument("--thresholds", help="a threshold table JSON (default: the model's own)")
@@ -268,6 +293,13 @@ def add_recognition_commands(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("model", help="a training run folder or checkpoint_*.pt")
     ex.add_argument("--out", required=True, help="the .onnx file to write")
     ex.set_defaults(func=_cmd_export)
+
+    dm = sub.add_parser("default-model",
+                        help="show the installed default model, or install an .onnx export")
+    dm.add_argument("model", nargs="?", default=None,
+                    help="an exported .onnx file to install as the default (omit to show "
+                         "the current one)")
+    dm.set_defaults(func=_cmd_default_model)
 
     ca = sub.add_parser("calibrate", help="FAR → threshold table of a model on labelled data")
     ca.add_argument("model", help=MODEL_HELP)

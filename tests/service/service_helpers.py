@@ -67,9 +67,10 @@ def free_port() -> int:
 
 @dataclass
 class Server:
-    """A ``facemetric serve`` process on loopback (stdout and stderr in ``log``)."""
+    """A ``facemetric serve`` process on loopback (stdout and stderr in ``log``); without a
+    ``model`` it is started without ``--model`` (the installed default model)."""
 
-    model: Path
+    model: Path | None
     gallery: Path | str
     log: Path
     args: list[str] = field(default_factory=list)
@@ -83,7 +84,8 @@ class Server:
     def start(self) -> Server:
         for _attempt in range(3):  # a port taken between free_port() and bind: retry
             self.port = free_port()
-            cmd = [sys.executable, "-m", "facemetric", "serve", "--model", str(self.model),
+            model = [] if self.model is None else ["--model", str(self.model)]
+            cmd = [sys.executable, "-m", "facemetric", "serve", *model,
                    "--gallery", str(self.gallery), "--host", HOST, "--port", str(self.port),
                    *self.args]
             with open(self.log, "ab") as out:

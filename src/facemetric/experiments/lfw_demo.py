@@ -10,12 +10,21 @@
 3. evaluate on LFW ``pairsDevTest`` (identities disjoint from DevTrain; 10 interleaved
    folds) and, where ``cfp/`` exists, on CFP frontal-frontal and frontal-profile (aligned
    from CFP's hand-labelled fiducials, since profiles defeat frontal detectors), writing
-   each report (markdown, JSON, ROC and score plots).
+   each report (markdown, JSON, ROC and score plots);
+4. (``student=True``, the default) train the deployable model: dlib's ResNet descriptor,
+   ported to torch and started from dlib's weights, distilled from dlib onto facemetric's
+   crops on DevTrain only (``configs/demo_student.toml``); calibrate it on DevTest people
+   the showcase does not use, export it to ONNX with its threshold table, evaluate the
+   export on the same benchmarks and install it as the recognition API's default model
+   (:mod:`facemetric.inference.default`);
+5. use a model: enroll DevTest people from their original photos and identify others and
+   strangers at a calibrated FAR — with the installed student when there is one, else with
+   the from-scratch model (calibrated first).
 
 The defaults (``configs/demo_lfw.toml``: 64×64 MobileFaceNet in NHWC layout, ArcFace
 s = 32, m = 0.3, SGD, 680 steps of 128 faces) are sized for 20 minutes of training on 2
 cores (about 74 img/s; the measured runs and the variants that did worse are in
-``docs/benchmarks.md``).
+``docs/benchmarks.md``); the student's are sized for about 10 more minutes.
 """
 
 from __future__ import annotations
@@ -32,6 +41,9 @@ from facemetric.atomic import atomic_write_bytes
 DEMO_CONFIG_FILE = Path(__file__).resolve().parents[3] / "configs" / "demo_lfw.toml"
 """The demo's training run (``configs/demo_lfw.toml`` of the source tree); ``run_lfw_demo``
 fills in the data paths, the output folder and, optionally, the step budget."""
+
+DEMO_STUDENT_CONFIG_FILE = DEMO_CONFIG_FILE.with_name("demo_student.toml")
+"""The demo's distillation run (``configs/demo_student.toml``), filled in the same way."""
 
 
 def load_demo_config(path: str | os.PathLike[str] = DEMO_CONFIG_FILE) -> dict[str, Any]:
@@ -64,6 +76,41 @@ class DemoMetrics:
     report: Path
 
 
+def _metrics_table(metrics: list[DemoMetrics]) -> list[str]:
+    lines = [f"{'benchmark':<22}{'pairs':>7}{'accuracy':>18}{'AUC':>8}{'EER':>8}"]
+    for m in metrics:
+        acc = f"{100 * m.accuracy:.2f} ± {100 * m.accuracy_std:.2f}%"
+        lines.append(f"{m.name:<22}{m.pairs:>7}{acc:>18}{m.auc:>8.4f}{m.eer:>8.4f}")
+    lines.extend(f"  {m.name} report: {m.report}" for m in metrics)
+    return lines
+
+
+@dataclass
+class StudentResult:
+    """The deployable student: its run, its ONNX export and that export's numbers."""
+
+    train_steps: int
+    train_seconds: float
+    images_per_second: float
+    checkpoint: Path
+    onnx: Path
+    description: str
+    installed: Path | None
+    metrics: list[DemoMetrics] = field(default_factory=list)
+
+    def summary(self) -> list[str]:
+        lines = [
+            f"distilled dlib's ResNet onto facemetric's crops (LFW DevTrain only, started from "
+            f"dlib's weights): {self.train_steps} steps, {self.train_seconds / 60:.1f} min this "
+            f"run, {self.images_per_second:.0f} img/s",
+            f"  exported {self.onnx}: {self.description}",
+            f"  installed as the default model: {self.installed}" if self.installed else
+            "  not installed as the default model (install it: facemetric default-model "
+            f"{self.onnx})",
+        ]
+        return lines + _metrics_table(self.metrics)
+
+
 @dataclass
 class LfwDemoResult:
     """What the demo produced: the run's figures and each benchmark's numbers."""
@@ -76,6 +123,7 @@ class LfwDemoResult:
     metrics: list[DemoMetrics] = field(default_factory=list)
     aligned: dict[str, str] = field(default_factory=dict)
     recognition: list[str] = field(default_factory=list)
+    student: StudentResult | None = None
 
     def summary(self) -> str:
         """A small table for a person."""
@@ -86,11 +134,9 @@ class LfwDemoResult:
         ]
         if self.loss_plot is not None:
             lines.append(f"  loss curve {self.loss_plot}")
-        lines.append(f"{'benchmark':<22}{'pairs':>7}{'accuracy':>18}{'AUC':>8}{'EER':>8}")
-        for m in self.metrics:
-            acc = f"{100 * m.accuracy:.2f} ± {100 * m.accuracy_std:.2f}%"
-            lines.append(f"{m.name:<22}{m.pairs:>7}{acc:>18}{m.auc:>8.4f}{m.eer:>8.4f}")
-        lines.extend(f"  {m.name} report: {m.report}" for m in self.metrics)
+        lines.extend(_metrics_table(self.metrics))
+        if self.student is not None:
+            lines.extend(self.student.summary())
         lines.extend(self.recognition)
         return "\n".join(lines)
 
@@ -131,18 +177,30 @@ def run_lfw_demo(
     workers: int | None = None,
     progress: bool = True,
     config_file: str | os.PathLike[str] = DEMO_CONFIG_FILE,
+    student: bool = True,
+    student_steps: int | None = None,
+    student_config_file: str | os.PathLike[str] = DEMO_STUDENT_CONFIG_FILE,
+    install_default: bool = True,
 ) -> LfwDemoResult:
-    """Align, train on LFW DevTrain, evaluate on LFW DevTest and CFP (module docstring).
+    """Align, train on LFW DevTrain, evaluate on LFW DevTest and CFP, distil and install the
+    deployable student, use a model (module docstring).
 
     Args:
         data_root: holds ``lfw/`` (``lfw-deepfunneled`` + protocol files) and optionally
             ``cfp/``.
-        out_dir: training run (``train/``) and reports (``eval_*``).
-        cache_dir: aligned faces (``lfw112/``, ``cfp112/``), reused across runs.
+        out_dir: training runs (``train/``, ``student/``), the student's ``student.onnx``,
+            reports (``eval_*``, ``student_eval_*``), the showcase's ``gallery.db``.
+        cache_dir: aligned faces (``lfw112/``, ``cfp112/``) and the teacher's embeddings
+            (``lfw112/.teacher``), reused across runs.
         max_steps: override the training budget (the configuration's 680 steps of 128).
         workers: alignment processes (default: the machine's cores).
         progress: progress bars.
         config_file: the training configuration (``configs/demo_lfw.toml``).
+        student: also distil, export and evaluate the deployable student.
+        student_steps: override the student's budget (its configuration's 400 steps of 64).
+        student_config_file: the student's configuration (``configs/demo_student.toml``).
+        install_default: install the student's export as the default model
+            (``$FACEMETRIC_HOME/models``).
 
     Raises:
         FileNotFoundError: ``data_root/lfw`` lacks the images or the protocol files.
@@ -180,17 +238,8 @@ def run_lfw_demo(
     if result.checkpoint is None:
         raise RuntimeError(f"training wrote no checkpoint under {config.output_dir}")
 
-    metrics: list[DemoMetrics] = []
-    lfw_eval = evaluate(
-        result.checkpoint,
-        data_root=lfw_aligned,
-        pairs_file=lfw / "pairsDevTest.txt",
-        out_dir=out_dir / "eval_lfw_devtest",
-        progress=progress,
-    )
-    metrics.append(_metrics("LFW pairsDevTest", lfw_eval))
-
     cfp = data_root / "cfp"
+    cfp_aligned: Path | None = None
     if (cfp / "Protocol").is_dir():
         cfp_aligned = cache_dir / "cfp112"
         report = align_folder(
@@ -202,19 +251,39 @@ def run_lfw_demo(
             progress=progress,
         )
         aligned["cfp"] = report.summary()
-        for protocol in ("FF", "FP"):
-            res = evaluate(
-                result.checkpoint,
-                data_root=cfp_aligned,
-                cfp_root=cfp,
-                protocol=protocol,
-                out_dir=out_dir / f"eval_cfp_{protocol.lower()}",
-                progress=progress,
-            )
-            metrics.append(_metrics(f"CFP-{protocol}", res))
 
-    recognition = recognition_showcase(result.checkpoint, lfw, lfw_aligned, out_dir,
-                                       progress=progress)
+    def benchmarks(model: Any, prefix: str) -> list[DemoMetrics]:
+        found = [_metrics("LFW pairsDevTest", evaluate(
+            model, data_root=lfw_aligned, pairs_file=lfw / "pairsDevTest.txt",
+            out_dir=out_dir / f"{prefix}eval_lfw_devtest", progress=progress))]
+        if cfp_aligned is not None:
+            for protocol in ("FF", "FP"):
+                found.append(_metrics(f"CFP-{protocol}", evaluate(
+                    model, data_root=cfp_aligned, cfp_root=cfp, protocol=protocol,
+                    out_dir=out_dir / f"{prefix}eval_cfp_{protocol.lower()}",
+                    progress=progress)))
+        return found
+
+    metrics = benchmarks(result.checkpoint, "")
+    people = ShowcasePeople.from_lfw(lfw)
+    distilled: StudentResult | None = None
+    if student:
+        raw = demo_config(lfw_aligned, lfw / "peopleDevTrain.txt", out_dir, student_steps,
+                          student_config_file)
+        raw["output_dir"] = str(out_dir / "student")
+        distilled = train_and_export_student(
+            config_from_dict(raw, source=str(student_config_file)), lfw_aligned, people,
+            out_dir, install_default=install_default, progress=progress)
+        distilled.metrics = benchmarks(distilled.onnx, "student_")
+        model: Any = distilled.installed or distilled.onnx
+    else:
+        from facemetric.inference import CALIBRATION_FILE
+
+        table = calibrate_on_dev_test(result.checkpoint, lfw_aligned, people, out_dir,
+                                      progress=progress)
+        table.save(Path(result.checkpoint).parent / CALIBRATION_FILE)
+        model = result.checkpoint
+    recognition = recognition_showcase(model, lfw, people, out_dir)
     demo = LfwDemoResult(
         recognition=recognition,
         train_steps=result.steps,
@@ -224,20 +293,64 @@ def run_lfw_demo(
         loss_plot=result.loss_plot,
         metrics=metrics,
         aligned=aligned,
+        student=distilled,
     )
-    summary = {
+
+    def plain(m: DemoMetrics) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(m).items()}
+
+    summary: dict[str, Any] = {
         "train_steps": demo.train_steps,
         "train_seconds": demo.train_seconds,
         "images_per_second": demo.images_per_second,
         "checkpoint": str(demo.checkpoint),
-        "metrics": [
-            {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(m).items()}
-            for m in metrics
-        ],
+        "metrics": [plain(m) for m in metrics],
     }
+    if distilled is not None:
+        summary["student"] = {
+            "train_steps": distilled.train_steps, "train_seconds": distilled.train_seconds,
+            "images_per_second": distilled.images_per_second,
+            "checkpoint": str(distilled.checkpoint), "onnx": str(distilled.onnx),
+            "installed": None if distilled.installed is None else str(distilled.installed),
+            "metrics": [plain(m) for m in distilled.metrics],
+        }
     text = (json.dumps(summary, indent=2) + "\n").encode()
     atomic_write_bytes(out_dir / "demo_summary.json", text)
     return demo
+
+
+def train_and_export_student(
+    config: Any, aligned: Path, people: ShowcasePeople, out_dir: Path, *,
+    install_default: bool = True, progress: bool = True,
+) -> StudentResult:
+    """Train the distillation run ``config`` (resuming it when it has checkpoints), load it
+    for use without the flip test, calibrate it on the DevTest people the showcase leaves
+    out, export it to ``out_dir/student.onnx`` with that table and (``install_default``)
+    install the export as the default model.
+
+    The flip test is off in the export: the 900-step student measured 97.90% on
+    pairsDevTest without it and 97.80% with it (``docs/benchmarks.md``), and it halves the
+    cost of every face.
+    """
+    from facemetric.inference import load_model
+    from facemetric.inference.default import install_default_model
+    from facemetric.inference.onnx import export_onnx
+    from facemetric.training import train
+    from facemetric.training.checkpoint import list_checkpoints
+
+    resume = bool(list_checkpoints(config.output_dir)) if config.output_dir.exists() else False
+    result = train(config, resume=resume, progress=progress)
+    if result.checkpoint is None:
+        raise RuntimeError(f"the student run wrote no checkpoint under {config.output_dir}")
+    encoder = load_model(result.checkpoint, flip_test=False)
+    table = calibrate_on_dev_test(encoder, aligned, people, out_dir, progress=progress)
+    onnx = export_onnx(encoder, out_dir / "student.onnx", thresholds=table)
+    installed = install_default_model(onnx).path if install_default else None
+    return StudentResult(
+        train_steps=result.steps, train_seconds=result.wall_seconds,
+        images_per_second=result.images_per_second, checkpoint=result.checkpoint,
+        onnx=onnx, description=encoder.contract.describe(), installed=installed,
+    )
 
 
 def _dev_test_people(lfw: Path) -> list[tuple[str, int]]:
@@ -245,51 +358,73 @@ def _dev_test_people(lfw: Path) -> list[tuple[str, int]]:
     return [(n, int(c)) for n, c in (r.split() for r in rows if r.strip())]
 
 
-def recognition_showcase(
-    checkpoint: Path, lfw: Path, aligned: Path, out_dir: Path, *, enrolled: int = 40,
-    strangers: int = 3, progress: bool = True,
-) -> list[str]:
-    """Use the trained model: calibrate, enroll, identify — the recognition half of the job.
+@dataclass(frozen=True)
+class ShowcasePeople:
+    """Who the showcase enrolls and queries, and the DevTest people left for calibration.
 
-    1. Calibrate FAR → threshold on every pair of aligned faces of the DevTest identities
-       that the showcase does *not* use (``calibration.json`` beside the checkpoint).
-    2. Enroll the first photo of ``enrolled`` DevTest identities that have more photos, from
-       the original LFW photos (detection and alignment as any user's photos), into
-       ``out_dir/gallery.db``.
-    3. Identify another photo of a few of them and photos of ``strangers`` never enrolled,
-       at FAR 1e-3; print the answers (an ``unknown`` among them when the model says so).
+    Attributes:
+        enrolled: DevTest people with several photos: the first is enrolled, the second
+            identified (for the first five).
+        strangers: DevTest people with one photo, never enrolled, identified.
+        calibration: every other DevTest person, with their photo counts.
+    """
+
+    enrolled: tuple[str, ...]
+    strangers: tuple[str, ...]
+    calibration: tuple[tuple[str, int], ...]
+
+    @classmethod
+    def from_lfw(cls, lfw: Path, enrolled: int = 40, strangers: int = 3) -> ShowcasePeople:
+        people = _dev_test_people(lfw)
+        several = tuple(n for n, c in people if c >= 2)[:enrolled]
+        singles = tuple(n for n, c in people if c == 1)[:strangers]
+        used = set(several) | set(singles)
+        return cls(several, singles, tuple((n, c) for n, c in people if n not in used))
+
+
+def calibrate_on_dev_test(
+    model: Any, aligned: Path, people: ShowcasePeople, out_dir: Path, *, progress: bool = True
+) -> Any:
+    """The FAR → threshold table of ``model`` on every pair of aligned faces of the DevTest
+    people the showcase does not use (their list: ``out_dir/calibration_people.txt``)."""
+    from facemetric.evaluation.run import calibrate_model
+
+    calib_people = out_dir / "calibration_people.txt"
+    text = f"{len(people.calibration)}\n" + "".join(
+        f"{n}\t{c}\n" for n, c in people.calibration)
+    atomic_write_bytes(calib_people, text.encode())
+    return calibrate_model(model, folder=aligned, people_file=calib_people, progress=progress)
+
+
+def recognition_showcase(model: Any, lfw: Path, people: ShowcasePeople, out_dir: Path
+                         ) -> list[str]:
+    """Use a calibrated model — the recognition half of the job.
+
+    1. Enroll the first photo of each of ``people.enrolled`` from the original LFW photos
+       (detection and alignment as any user's photos) into ``out_dir/gallery.db``.
+    2. Identify the second photo of five of them and the photo of each stranger at FAR
+       1e-3; print the answers (an ``unknown`` among them when the model says so).
 
     Returns the lines printed in the demo's summary.
     """
-    from facemetric.evaluation.run import calibrate_model
-    from facemetric.inference import CALIBRATION_FILE
     from facemetric.recognizer import Recognizer
-
-    people = _dev_test_people(lfw)
-    several = [n for n, c in people if c >= 2][:enrolled]
-    singles = [n for n, c in people if c == 1][:strangers]
-    used = set(several) | set(singles)
-    calib_people = out_dir / "calibration_people.txt"
-    rest = [(n, c) for n, c in people if n not in used]
-    text = f"{len(rest)}\n" + "".join(f"{n}\t{c}\n" for n, c in rest)
-    atomic_write_bytes(calib_people, text.encode())
-    table = calibrate_model(checkpoint, folder=aligned, people_file=calib_people,
-                            progress=progress)
-    table.save(Path(checkpoint).parent / CALIBRATION_FILE)
 
     photos = lfw / "lfw-deepfunneled"
     gallery = out_dir / "gallery.db"
     gallery.unlink(missing_ok=True)
-    lines = ["recognition with the trained model:",
-             "  " + table.summary().replace("\n", "\n  ")]
-    with Recognizer(checkpoint, gallery, collection="lfw-devtest") as rec:
+    with Recognizer(model, gallery, collection="lfw-devtest") as rec:
+        if rec.thresholds is None:
+            raise ValueError(f"the showcase needs a calibrated model; {model} has no table")
+        lines = [f"recognition with {model} ({rec.contract.describe()}):",
+                 "  " + rec.thresholds.summary().replace("\n", "\n  ")]
         accepted = 0
-        for name in several:
+        for name in people.enrolled:
             accepted += rec.enroll(name, [photos / name / f"{name}_0001.jpg"]).accepted
-        lines.append(f"  enrolled {accepted} of {len(several)} DevTest people (one photo each) "
-                     f"into {gallery}")
-        queries = [(n, photos / n / f"{n}_0002.jpg") for n in several[:5]]
-        queries += [(f"{n} (never enrolled)", photos / n / f"{n}_0001.jpg") for n in singles]
+        lines.append(f"  enrolled {accepted} of {len(people.enrolled)} DevTest people (one "
+                     f"photo each) into {gallery}")
+        queries = [(n, photos / n / f"{n}_0002.jpg") for n in people.enrolled[:5]]
+        queries += [(f"{n} (never enrolled)", photos / n / f"{n}_0001.jpg")
+                    for n in people.strangers]
         answers = rec.identify_many([p for _, p in queries], k=3, far=1e-3)
         t = rec.threshold(1e-3)
         lines.append(f"  identify at FAR 1e-3 (threshold {t.value:.3f}, from {t.impostors:,} "
@@ -299,7 +434,7 @@ def recognition_showcase(
                 lines.append(f"    {truth:<36} → {ans.image.problem}: {ans.image.detail}")
                 continue
             face = ans.faces[0]
-            top = ", ".join(f"{c.person} {c.score:.2f}" for c in face.candidates)
+            top = ", ".join(f"{c.person} {c.score:.3f}" for c in face.candidates)
             lines.append(f"    {truth:<36} → {face.best:<24} (top: {top})")
     return lines
 

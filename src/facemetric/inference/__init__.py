@@ -3,7 +3,8 @@ states its :class:`ModelContract`; its :class:`ThresholdTable` maps a false-acce
 decision threshold. Nothing here imports the training package.
 
 ``load_model(source)`` reads a training run or checkpoint (backbone only), an exported ONNX
-file (onnxruntime) or ``"dlib"`` (dlib's ResNet descriptor from ``face_recognition_models``).
+file (onnxruntime), ``"dlib"`` (dlib's ResNet descriptor from ``face_recognition_models``)
+or ``"default"`` (the model installed as this machine's default, :mod:`.default`).
 """
 
 import importlib
@@ -33,6 +34,10 @@ _WHERE = {
     "input_tensor": "encoder",
     "stack_faces": "encoder",
     "DLIB": "load",
+    "DEFAULT": "default",
+    "install_default_model": "default",
+    "installed_default": "default",
+    "resolve_default_model": "default",
     "load_model": "load",
 }
 
@@ -52,6 +57,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "CALIBRATION_FILE",
+    "DEFAULT",
     "DEFAULT_FARS",
     "DLIB",
     "TEMPLATES",
@@ -69,7 +75,10 @@ __all__ = [
     "embed_files",
     "embed_pairs",
     "input_tensor",
+    "install_default_model",
+    "installed_default",
     "load_model",
+    "resolve_default_model",
     "sha256_of_tensors",
     "stack_faces",
     "threshold_at_far",

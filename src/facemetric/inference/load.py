@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from facemetric.inference.default import DEFAULT, resolve_default_model
 from facemetric.inference.encoder import Encoder
 
 DLIB = "dlib"
@@ -23,19 +24,23 @@ def load_model(
 
     Args:
         source: a training run's output folder (its newest checkpoint), a
-            ``checkpoint_*.pt`` file, an exported ``.onnx`` file, or ``"dlib"``.
+            ``checkpoint_*.pt`` file, an exported ``.onnx`` file, ``"dlib"``, or
+            ``"default"``: the installed default model
+            (:mod:`facemetric.inference.default`).
         device: for checkpoints: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         flip_test: override the flip test (default: on for trained backbones, as stored for
             ONNX files, off for dlib, whose descriptor was trained without it).
 
     Raises:
-        FileNotFoundError: no such file or folder.
+        FileNotFoundError: no such file or folder; ``"default"`` with none installed.
         ValueError: a file that is not a model facemetric can read (the message says why).
     """
     if str(source) == DLIB:
         from facemetric.inference.dlib import DlibEncoder
 
         return DlibEncoder() if flip_test is None else DlibEncoder(flip_test=flip_test)
+    if str(source) == DEFAULT:
+        source = resolve_default_model()
     path = Path(source)
     if path.suffix.lower() == ".onnx":
         from facemetric.inference.onnx import OnnxEncoder
@@ -50,4 +55,4 @@ def load_model(
     )
 
 
-__all__ = ["DLIB", "load_model"]
+__all__ = ["DEFAULT", "DLIB", "load_model"]

@@ -96,7 +96,8 @@ class Recognizer:
 
     Args:
         model: an :class:`Encoder`, or a source for :func:`facemetric.inference.load_model`
-            (training run, checkpoint, ``.onnx`` file, ``"dlib"``).
+            (training run, checkpoint, ``.onnx`` file, ``"dlib"``); by default the
+            installed default model (``"default"``, :mod:`facemetric.inference.default`).
         gallery: a :class:`~facemetric.gallery.GalleryStore`, a PostgreSQL URL
             (``postgresql://…``), or a path to an SQLite gallery file (created if missing);
             ``None`` for verify/embed only.
@@ -124,7 +125,7 @@ class Recognizer:
 
     def __init__(
         self,
-        model: Encoder | str | os.PathLike[str],
+        model: Encoder | str | os.PathLike[str] = "default",
         gallery: Any = None,
         *,
         collection: str = "default",

@@ -370,3 +370,30 @@ def test_compare_seeds_runs_each_seed_and_summarises_the_real_runs(setup, tmp_pa
     assert [s.final["accuracy"].values for s in again.summaries] == [
         s.final["accuracy"].values for s in result.summaries]
     assert again.per_seed[0].runs[0].wall_seconds == first.runs[0].wall_seconds
+
+
+def test_compare_judges_a_run_by_its_average_of_the_weights(setup, tmp_path):
+    """With ``[train] ema_decay`` the held-out scores are those of the checkpoint's
+    ``"model"`` — the average — and not those of the raw weights."""
+    import torch
+
+    ema = setup["tmp"] / "cosface_ema.toml"
+    ema.write_text(setup["cosface"].read_text().replace(
+        'device = "cpu"', 'device = "cpu"\nema_decay = 0.8'))
+    tmp = setup["tmp"]
+    result = compare([ema], out_dir=tmp_path / "out", budget_steps=4, eval_every=2,
+                     eval_pairs=tmp / "pairs.txt", eval_root=tmp / "held", eval_folds=2,
+                     seed=7, progress=False)
+    (run,) = result.runs
+    record = json.loads((tmp_path / "out" / "cosface_ema" / "compare_run.json").read_text())
+    got = np.array(record["final_scores"], dtype=np.float64)
+    pairs = read_lfw_pairs(tmp / "pairs.txt", tmp / "held", 2)
+    averaged = embed_pairs(load_model(run.checkpoint), pairs, progress=False).scores()
+    np.testing.assert_allclose(got, averaged, atol=1e-6)
+    state = load_checkpoint(run.checkpoint)
+    assert state["ema_updates"] == 4
+    raw_file = tmp_path / "raw" / "checkpoint_000000004.pt"
+    raw_file.parent.mkdir()
+    torch.save({**state, "model": state["model_raw"]}, raw_file)
+    raw = embed_pairs(load_model(raw_file), pairs, progress=False).scores()
+    assert np.abs(raw - averaged).max() > 1e-4  # the two really differ

@@ -55,6 +55,7 @@ Several seeds of one comparison, with mean ± std over seeds and seed-band plots
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -91,6 +92,7 @@ from facemetric.training.builders import (
 )
 from facemetric.training.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints
 from facemetric.training.config import TrainConfig, config_from_dict, load_config
+from facemetric.training.ema import WeightAverage
 from facemetric.training.loop import DistributedContext, StepInfo, build_dataset, seed_everything
 from facemetric.training.loop import train as train_run
 
@@ -441,12 +443,21 @@ def _run_one(
     loss = add_aux_losses(build_loss(config.loss, num_classes, config.model.embedding_size),
                           config.aux_loss, num_classes, config.model.embedding_size)
     device = DistributedContext().device(config.train.device)
+    # With [train] ema_decay the run is judged by its average of the weights (what its
+    # checkpoints hold as "model"), copied into a model of its own before each evaluation.
+    averaged = (WeightAverage(model, config.train.ema_decay)
+                if config.train.ema_decay > 0 else None)
+    judged = model if averaged is None else copy.deepcopy(model)
     # One model, two views of it: no flip test while monitoring (cheap), flip test at the end.
     monitor_encoder, final_encoder = (
-        TorchEncoder(model, _contract(config, flip), device=device,
+        TorchEncoder(judged, _contract(config, flip), device=device,
                      channels_last=config.train.channels_last)
         for flip in (False, True)
     )
+
+    def sync_average() -> None:
+        if averaged is not None:
+            judged.load_state_dict(averaged.state_dict())
     # training time already spent (resuming) and time to leave out of it from now on
     clock = {"start": 0.0, "eval": 0.0, "paused": 0.0,
              "before": result.step_wall[-1] if resumed else 0.0}
@@ -455,6 +466,7 @@ def _run_one(
         if held is None:
             return
         t = time.perf_counter()
+        sync_average()
         result.eval_accuracy.append(_monitor_accuracy(monitor_encoder, held))
         result.eval_steps.append(step)
         result.eval_wall.append(train_time)
@@ -494,7 +506,7 @@ def _run_one(
     clock["start"] = time.perf_counter()
     try:
         trained = train_run(config, resume=True, dataset=recorder, model=model, loss=loss,
-                            on_step=on_step, progress=progress)
+                            on_step=on_step, progress=progress, averaged=averaged)
         result.checkpoint = trained.checkpoint
     except _BudgetReachedError:
         result.stopped_by = "time"
@@ -510,6 +522,7 @@ def _run_one(
     scores = None
     if held is not None:
         t = time.perf_counter()
+        sync_average()
         scores = _held_out_scores(final_encoder, held)
         result.final = _final_report(scores, held)
         result.eval_seconds += time.perf_counter() - t

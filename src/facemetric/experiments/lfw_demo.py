@@ -97,6 +97,7 @@ class StudentResult:
     description: str
     installed: Path | None
     metrics: list[DemoMetrics] = field(default_factory=list)
+    install_error: str | None = None
 
     def summary(self) -> list[str]:
         lines = [
@@ -105,8 +106,9 @@ class StudentResult:
             f"run, {self.images_per_second:.0f} img/s",
             f"  exported {self.onnx}: {self.description}",
             f"  installed as the default model: {self.installed}" if self.installed else
-            "  not installed as the default model (install it: facemetric default-model "
-            f"{self.onnx})",
+            "  not installed as the default model"
+            + (f" ({self.install_error})" if self.install_error else "")
+            + f"; install it: facemetric default-model {self.onnx}",
         ]
         return lines + _metrics_table(self.metrics)
 
@@ -345,11 +347,18 @@ def train_and_export_student(
     encoder = load_model(result.checkpoint, flip_test=False)
     table = calibrate_on_dev_test(encoder, aligned, people, out_dir, progress=progress)
     onnx = export_onnx(encoder, out_dir / "student.onnx", thresholds=table)
-    installed = install_default_model(onnx).path if install_default else None
+    installed: Path | None = None
+    error: str | None = None
+    if install_default:
+        try:  # a read-only home must not cost the demo's 40 minutes of work
+            installed = install_default_model(onnx).path
+        except OSError as err:
+            error = f"{type(err).__name__}: {err}"
     return StudentResult(
         train_steps=result.steps, train_seconds=result.wall_seconds,
         images_per_second=result.images_per_second, checkpoint=result.checkpoint,
         onnx=onnx, description=encoder.contract.describe(), installed=installed,
+        install_error=error,
     )
 
 

@@ -11,6 +11,7 @@ from facemetric.training.checkpoint import (
     save_checkpoint,
 )
 from facemetric.training.config import TrainConfig, config_from_dict, load_config
+from facemetric.training.ema import WeightAverage
 from facemetric.training.loop import (
     DistributedContext,
     StepInfo,
@@ -26,6 +27,7 @@ __all__ = [
     "StepInfo",
     "TrainConfig",
     "TrainResult",
+    "WeightAverage",
     "clip_grad_norm",
     "config_from_dict",
     "latest_checkpoint",

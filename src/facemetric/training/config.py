@@ -171,6 +171,10 @@ class TrainLoopConfig:
     ``max_skipped_steps``: a step whose gradient holds a NaN or an infinity (behind a finite
     loss) is skipped — no optimiser update — with a warning, this many times in a run; one
     more stops training with an error (0: stop at the first).
+    ``ema_decay``: keep an exponential moving average of the weights with this decay
+    (:class:`~facemetric.training.ema.WeightAverage`; 0: none). The checkpoints then store
+    the average as ``"model"`` — what evaluation, export and ``load_model`` use — and the
+    optimiser's raw weights as ``"model_raw"``, which ``--resume`` continues.
     """
 
     epochs: int = 1
@@ -184,6 +188,7 @@ class TrainLoopConfig:
     device: str = "auto"
     channels_last: bool = True
     max_skipped_steps: int = 5
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -595,6 +600,8 @@ def check_config(config: TrainConfig, source: str = "config") -> None:
     _need(t.checkpoint_every >= 1, f"{s}: [train] checkpoint_every must be >= 1")
     _need(t.keep_checkpoints >= 1, f"{s}: [train] keep_checkpoints must be >= 1")
     _need(t.log_every >= 1, f"{s}: [train] log_every must be >= 1")
+    _need(0.0 <= t.ema_decay < 1.0,
+          f"{s}: [train] ema_decay must lie in [0, 1) (0: no average), got {t.ema_decay}")
     _need(t.max_skipped_steps >= 0,
           f"{s}: [train] max_skipped_steps must be >= 0, got {t.max_skipped_steps}")
     _need(t.device in DEVICES, f"{s}: [train] device must be one of {DEVICES}, got "

@@ -12,8 +12,9 @@ steps from being dominated by the random initialisation (the schedule of TensorF
 Polyak & Juditsky (1992); the EMA of weights is standard practice in the Kaggle
 metric-learning solutions and in image classification (e.g. Tan & Le 2019).
 
-The average is kept in the weights' own dtype on the model's device, apart from the model; :meth:`WeightAverage.state_dict` has the model's own keys, so a checkpoint
-stores it as ``"model"`` — what every consumer loads — and the raw weights the optimiser
+The average is kept in the weights' own dtype on the model's device, apart from the model;
+:meth:`WeightAverage.state_dict` has the model's own keys, so a checkpoint stores it as
+``"model"`` — what every consumer loads — and the raw weights the optimiser
 works on as ``"model_raw"`` (exact resume needs both).
 """
 
@@ -41,6 +42,11 @@ class WeightAverage:
         self.decay = float(decay)
         self.updates = 0
         self.average = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def to(self, device: torch.device | str) -> WeightAverage:
+        """Move the average to ``device`` (where the model trains); returns ``self``."""
+        self.average = {k: v.to(device) for k, v in self.average.items()}
+        return self
 
     def current_decay(self) -> float:
         """``d_t`` for the next update."""

@@ -92,6 +92,7 @@ from facemetric.training.checkpoint import (
     save_checkpoint,
 )
 from facemetric.training.config import TrainConfig, check_config, load_config
+from facemetric.training.ema import WeightAverage
 from facemetric.training.malloc import retain_freed_memory
 from facemetric.training.row_sparse_sgd import clip_grad_norm
 from facemetric.training.structure import build_structure
@@ -352,6 +353,9 @@ class TrainResult:
     images_per_second: float = 0.0
     wall_seconds: float = 0.0
     resumed_from: int | None = None
+    averaged: WeightAverage | None = None
+    """The average of the weights (``[train] ema_decay``), which the checkpoints store as
+    ``"model"``; ``model`` holds the optimiser's raw weights."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -492,6 +496,7 @@ def train(
     context: DistributedContext | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     progress: bool = True,
+    averaged: WeightAverage | None = None,
 ) -> TrainResult:
     """Train as ``config`` says; see the module docstring for what is written and how
     resuming works.
@@ -515,6 +520,9 @@ def train(
         on_step: called after every step; an exception raised there stops training (what
             a crash would do: no final checkpoint, plot or result).
         progress: show a tqdm bar (loss, img/s, ETA).
+        averaged: with ``[train] ema_decay``, the :class:`WeightAverage` of ``model`` to
+            update (so that a caller can evaluate it while the run goes on); default: one
+            made here. Resuming loads the checkpoint's average into it.
 
     Raises:
         FileExistsError: ``output_dir`` has checkpoints and ``resume`` is false.
@@ -624,6 +632,13 @@ def train(
     memory_format = torch.channels_last if config.train.channels_last else torch.contiguous_format
     model.to(memory_format=memory_format)  # a no-op for parameters that are not 4-d
     loss.to(device)
+    if averaged is not None and config.train.ema_decay == 0:
+        raise ValueError("an average of the weights was passed, but [train] ema_decay is 0: "
+                         "set it to the decay the average was made with")
+    if config.train.ema_decay > 0:
+        if averaged is None:
+            averaged = WeightAverage(model, config.train.ema_decay)
+        averaged.to(device)
     optimizer = build_optimizer(config.optimizer, [model, loss])
     scheduler = build_scheduler(optimizer, config.schedule, total_steps)
     use_amp, amp_dtype = _autocast(config, device)
@@ -650,7 +665,18 @@ def train(
                 f"{ckpt_path} was written with {state['steps_per_epoch']} batches per epoch, "
                 f"the data and batch settings now give {steps_per_epoch}: cannot resume"
             )
-        model.load_state_dict(state["model"])
+        raw = state.get("model_raw")  # present when the run keeps an average of the weights
+        model.load_state_dict(state["model"] if raw is None else raw)
+        if averaged is not None:
+            if raw is None:
+                logger.warning("%s holds no average of the weights: the average ([train] "
+                               "ema_decay) starts from the resumed weights", ckpt_path)
+            averaged.load(state["model"], int(state.get("ema_updates", 0)) if raw is not None
+                          else 0)
+        elif raw is not None:
+            logger.warning("%s holds an average of the weights, this run keeps none ([train] "
+                           "ema_decay = 0): training continues from the raw weights; the "
+                           "checkpoints from now on hold the raw weights", ckpt_path)
         loss.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
         if ctx.world_size > 1:
@@ -680,10 +706,15 @@ def train(
     log = _CsvLog(out_dir / "log.csv", resumed_from) if ctx.is_main else None
 
     def make_state(loss_state: dict[str, Any], optim_state: dict[str, Any]) -> dict[str, Any]:
+        weights = ctx.unwrap_model(model).state_dict()
+        # with an average, "model" (what every consumer loads) is the average
+        average: dict[str, Any] = {} if averaged is None else {
+            "model_raw": weights, "ema_updates": averaged.updates}
         return {
             "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
             "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-            "model": ctx.unwrap_model(model).state_dict(), "loss": loss_state,
+            "model": weights if averaged is None else averaged.state_dict(), **average,
+            "loss": loss_state,
             "optimizer": optim_state, "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
             "sampler": {"seed": config.seed, "epoch": epoch, "batch_in_epoch": batch_in_epoch},
@@ -767,6 +798,8 @@ def train(
                                    skipped, config.train.max_skipped_steps)
                 else:
                     scaler.step(optimizer)
+                    if averaged is not None:
+                        averaged.update(model)
                 scaler.update()
                 scheduler.step()
 
@@ -850,6 +883,7 @@ def train(
         images_per_second=run_images / max(wall, 1e-9),
         wall_seconds=wall,
         resumed_from=resumed_from,
+        averaged=averaged,
     )
 
 

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from facemetric.inference.default import DEFAULT
+
 MODEL_HELP = ("a training run folder, checkpoint_*.pt, an exported .onnx file, 'dlib', or "
               "'default' (the installed default model: `facemetric default-model`)")
 
@@ -51,7 +53,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from facemetric.inference import CALIBRATION_FILE, load_model
     from facemetric.inference.checkpoint import resolve_checkpoint
 
-    if args.out is None and str(args.model) in ("dlib", "default"):
+    if args.out is None and str(args.model) in ("dlib", DEFAULT):
         what = ("dlib's model is read-only" if str(args.model) == "dlib" else
                 "the installed default model is never changed in place (a running service "
                 "may be using it): calibrate the .onnx file it was installed from and "
@@ -273,7 +275,7 @@ def _recognizer_for_reembed(args: argparse.Namespace) -> Any:
 
 
 def _common(p: argparse.ArgumentParser, gallery: bool) -> None:
-    p.add_argument("--model", default="default", help=MODEL_HELP + " (default: 'default')")
+    p.add_argument("--model", default=DEFAULT, help=f"{MODEL_HELP} (default: {DEFAULT!r})")
     if gallery:
         p.add_argument("--collection", default="default", help="gallery collection")
     p.add_argument("--thresholds", help="a threshold table JSON (default: the model's own)")

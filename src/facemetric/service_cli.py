@@ -10,6 +10,8 @@ import os
 import sys
 from typing import Any
 
+from facemetric.inference.default import DEFAULT
+
 MODEL_HELP = ("a training run folder, checkpoint_*.pt, an exported .onnx file, 'dlib', or "
               "'default' (the installed default model, resolved to its file once at start)")
 
@@ -24,7 +26,7 @@ def _settings(args: argparse.Namespace) -> Any:
     from facemetric.service.settings import ServiceSettings
 
     model = str(args.model)
-    if model == "default":
+    if model == DEFAULT:
         # Resolved here, once: every worker (and every replacement of one) then loads this
         # very file even if another default is installed while the service runs.
         from facemetric.inference.default import resolve_default_model
@@ -142,7 +144,7 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 def add_service_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``serve`` and ``keys``."""
     sv = sub.add_parser("serve", help="run the REST recognition service (uvicorn)")
-    sv.add_argument("--model", default="default", help=MODEL_HELP + " (default: 'default')")
+    sv.add_argument("--model", default=DEFAULT, help=f"{MODEL_HELP} (default: {DEFAULT!r})")
     sv.add_argument("--gallery", required=True, help=GALLERY_HELP)
     sv.add_argument("--keys", help=KEYS_HELP)
     sv.add_argument("--host", default="127.0.0.1",

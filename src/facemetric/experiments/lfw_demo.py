@@ -34,9 +34,12 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from facemetric.atomic import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from facemetric.inference.calibration import ThresholdTable
 
 DEMO_CONFIG_FILE = Path(__file__).resolve().parents[3] / "configs" / "demo_lfw.toml"
 """The demo's training run (``configs/demo_lfw.toml`` of the source tree); ``run_lfw_demo``
@@ -393,7 +396,7 @@ class ShowcasePeople:
 
 def calibrate_on_dev_test(
     model: Any, aligned: Path, people: ShowcasePeople, out_dir: Path, *, progress: bool = True
-) -> Any:
+) -> ThresholdTable:
     """The FAR → threshold table of ``model`` on every pair of aligned faces of the DevTest
     people the showcase does not use (their list: ``out_dir/calibration_people.txt``)."""
     from facemetric.evaluation.run import calibrate_model

@@ -23,6 +23,7 @@ run without the training code (docs/recognition.md).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -75,6 +76,10 @@ class InstalledModel:
                 f"  installed {self.installed} from {self.source}")
 
 
+_RECORDED = tuple(f.name for f in dataclasses.fields(InstalledModel) if f.name != "path")
+"""The fields ``models/default.json`` holds besides the copy's ``file`` name."""
+
+
 def facemetric_home() -> Path:
     """``$FACEMETRIC_HOME``, or ``~/.facemetric``."""
     home = os.environ.get(HOME_ENV)
@@ -102,11 +107,7 @@ def installed_default() -> InstalledModel | None:
         if not isinstance(name, str) or Path(name).name != name or not name:
             raise ValueError(f"'file' must be a bare file name, got {name!r}")
         path = models_dir() / name
-        model = InstalledModel(
-            path=path, fingerprint=str(raw["fingerprint"]),
-            description=str(raw["description"]), source=str(raw["source"]),
-            installed=str(raw["installed"]), calibrated=bool(raw["calibrated"]),
-        )
+        model = InstalledModel(path=path, **{f: raw[f] for f in _RECORDED})
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(
             f"{pointer} is damaged ({type(err).__name__}: {err}); install the default "
@@ -175,10 +176,7 @@ def install_default_model(onnx_file: str | os.PathLike[str]) -> InstalledModel:
         installed=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         calibrated=encoder.thresholds is not None,
     )
-    record = {
-        "file": name, "fingerprint": model.fingerprint, "description": model.description,
-        "source": model.source, "installed": model.installed, "calibrated": model.calibrated,
-    }
+    record = {"file": name, **{f: getattr(model, f) for f in _RECORDED}}
     text = json.dumps(record, indent=2) + "\n"
     atomic_write_bytes(target_dir / POINTER_FILE, text.encode())
     return model

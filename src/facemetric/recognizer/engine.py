@@ -55,6 +55,7 @@ import numpy as np
 
 from facemetric.inference.calibration import Threshold, ThresholdTable
 from facemetric.inference.contract import ModelContract
+from facemetric.inference.default import DEFAULT
 from facemetric.inference.encoder import Encoder
 from facemetric.recognizer.faces import FacePipeline, ImageFaces, ImageInput, Problem
 from facemetric.recognizer.liveness import LivenessCheck
@@ -125,7 +126,7 @@ class Recognizer:
 
     def __init__(
         self,
-        model: Encoder | str | os.PathLike[str] = "default",
+        model: Encoder | str | os.PathLike[str] = DEFAULT,
         gallery: Any = None,
         *,
         collection: str = "default",

@@ -140,6 +140,30 @@ def test_wall_time_budget_stops_runs(setup):
     assert "time" in result.table.read_text() and result.plot.is_file()
 
 
+def test_a_run_stopped_by_time_is_judged_on_the_weights_it_saved(setup, tmp_path):
+    """A wall-time stop falls between checkpoints (every 100 steps here): the run still
+    ends with a checkpoint of its last step, and the table's numbers are that file's."""
+    tmp = setup["tmp"]
+    result = compare([setup["cosface"]], out_dir=tmp_path / "timed", budget_seconds=1e-6,
+                     eval_every=100, eval_pairs=tmp / "pairs.txt", eval_root=tmp / "held",
+                     eval_folds=2, seed=0, progress=False)
+    (run,) = result.runs
+    assert run.stopped_by == "time" and run.steps == 1 and run.final is not None
+    assert run.checkpoint is not None and run.checkpoint.name == "checkpoint_000000001.pt"
+    pairs = read_lfw_pairs(tmp / "pairs.txt", tmp / "held", 2)
+    model = load_model(run.checkpoint)
+    assert model.contract.extra["step"] == 1
+    scores = embed_pairs(model, pairs, progress=False).scores()
+    record = json.loads((tmp_path / "timed" / "cosface" / "compare_run.json").read_text())
+    np.testing.assert_allclose(np.array(record["final_scores"]), scores, atol=1e-6)
+    assert run.final.accuracy == pytest.approx(
+        verification_report(scores, pairs.is_same, pairs.fold).accuracy)
+    again = compare([setup["cosface"]], out_dir=tmp_path / "timed", budget_seconds=1e-6,
+                    eval_every=100, eval_pairs=tmp / "pairs.txt", eval_root=tmp / "held",
+                    eval_folds=2, seed=0, progress=False)
+    assert again.runs[0].steps == 1 and again.runs[0].stopped_by == "time"  # reused
+
+
 def test_compare_refuses_bad_setups(setup, tmp_path):
     with pytest.raises(ValueError, match="budget"):
         compare([setup["cosface"]], out_dir=tmp_path)

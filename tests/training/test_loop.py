@@ -585,6 +585,38 @@ def test_resume_restores_stateful_losses_bit_exactly(faces, tmp_path, name):
         assert int(want["margin.iteration"]) == n
 
 
+def test_a_caller_s_stop_checkpoints_that_step_and_resumes_exactly(faces, tmp_path):
+    """``on_step`` returning true ends the run at that step as at its last: the weights it
+    returns are the ones checkpointed there (not those of an older checkpoint), and a
+    resume from that checkpoint continues as if nothing had stopped."""
+    torch.set_num_threads(1)
+    n = 9
+    straight = train(_config(faces, tmp_path / "straight", "test_normsoftmax", max_steps=n,
+                             checkpoint_every=4), progress=False)
+    cfg = _config(faces, tmp_path / "stopped", "test_normsoftmax", max_steps=n,
+                  checkpoint_every=4)
+    seen: list[int] = []
+    stopped = train(cfg, progress=False,
+                    on_step=lambda info: seen.append(info.step) or info.step == 6)
+    assert seen == [1, 2, 3, 4, 5, 6] and stopped.steps == 6 and len(stopped.losses) == 6
+    assert stopped.checkpoint is not None and stopped.checkpoint.name == "checkpoint_000000006.pt"
+    state = load_checkpoint(stopped.checkpoint)
+    assert state["step"] == 6
+    for key, value in _params(stopped.model).items():
+        assert torch.equal(state["model"][key], value), key
+    # a stop on a step that already has its checkpoint writes it once
+    again = train(_config(faces, tmp_path / "on_ckpt", "test_normsoftmax", max_steps=n,
+                          checkpoint_every=4), progress=False,
+                  on_step=lambda info: info.step == 4)
+    assert again.steps == 4 and again.checkpoint.name == "checkpoint_000000004.pt"
+    resumed = train(_config(faces, tmp_path / "stopped", "test_normsoftmax", max_steps=n,
+                            checkpoint_every=4), resume=True, progress=False)
+    assert resumed.resumed_from == 6 and resumed.steps == n
+    assert resumed.losses == straight.losses
+    for key, value in _params(straight.model).items():
+        assert torch.equal(value, _params(resumed.model)[key]), key
+
+
 # --------------------------------------------------------------------------- global mining
 
 

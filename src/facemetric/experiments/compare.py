@@ -16,9 +16,9 @@ under the same conditions and plots how they converge:
   stops a run once its *training* time reaches it — whichever comes first. Training time
   excludes the held-out checks and starts at the first sample read (the loop's setup is not
   training; with ``num_workers > 0`` the read is not visible, and the setup counts); it
-  includes writing the periodic checkpoints. A run stopped by time gets no final
-  checkpoint (the final evaluation uses the model in memory; its last periodic checkpoint
-  stays);
+  includes writing the periodic checkpoints. A run stopped by time ends with a checkpoint
+  of its last step (written after the clock stopped), so the weights the final evaluation
+  scores are the ones ``RunResult.checkpoint`` holds;
 - **held-out verification while training**: given ``eval_pairs`` (an LFW-format pairs file)
   and ``eval_root`` (aligned images), every ``eval_every`` steps — and at step 0 and at the
   end — an ``on_step`` hook embeds the pairs' distinct images with the current model in
@@ -90,7 +90,7 @@ from facemetric.training.builders import (
     build_model,
     pair_loss_names,
 )
-from facemetric.training.checkpoint import checkpoint_path, latest_checkpoint, list_checkpoints
+from facemetric.training.checkpoint import checkpoint_path, list_checkpoints
 from facemetric.training.config import TrainConfig, config_from_dict, load_config
 from facemetric.training.ema import WeightAverage
 from facemetric.training.loop import DistributedContext, StepInfo, build_dataset, seed_everything
@@ -104,10 +104,6 @@ _TABLE_FAR = 1e-3
 #: a run's record (module docstring, "Resuming after a kill"), in its output folder
 RECORD_FILE = "compare_run.json"
 _RECORD_VERSION = 1
-
-
-class _BudgetReachedError(Exception):
-    """Raised from the ``on_step`` hook to end a run at its wall-time budget."""
 
 
 class _OrderRecorder(Dataset):
@@ -472,7 +468,7 @@ def _run_one(
         result.eval_wall.append(train_time)
         clock["eval"] += time.perf_counter() - t
 
-    def on_step(info: StepInfo) -> None:
+    def on_step(info: StepInfo) -> bool:
         # Training time runs from the first sample read (the loop's one-off setup — building
         # the optimiser, writing config.json — is not training) when that is seen in this
         # process (num_workers = 0), else from the call to train().
@@ -496,7 +492,9 @@ def _run_one(
             _write_record(record_path, result, fingerprint, recorder, finished=False)
             clock["paused"] += time.perf_counter() - t  # bookkeeping is not training
         if budget_seconds is not None and train_time >= budget_seconds:
-            raise _BudgetReachedError
+            result.stopped_by = "time"
+            return True  # the loop checkpoints this step: the weights scored are saved
+        return False
 
     initial_eval = result.eval_seconds
     if resumed is None:
@@ -504,13 +502,9 @@ def _run_one(
         check(0, 0.0)
         initial_eval, clock["eval"] = clock["eval"], 0.0  # before the clock starts
     clock["start"] = time.perf_counter()
-    try:
-        trained = train_run(config, resume=True, dataset=recorder, model=model, loss=loss,
-                            on_step=on_step, progress=progress, averaged=averaged)
-        result.checkpoint = trained.checkpoint
-    except _BudgetReachedError:
-        result.stopped_by = "time"
-        result.checkpoint = latest_checkpoint(config.output_dir)
+    trained = train_run(config, resume=True, dataset=recorder, model=model, loss=loss,
+                        on_step=on_step, progress=progress, averaged=averaged)
+    result.checkpoint = trained.checkpoint
     result.wall_seconds = result.step_wall[-1] if result.step_wall else 0.0
     if held is not None and (not result.eval_steps or result.eval_steps[-1] != result.steps):
         check(result.steps, result.wall_seconds)

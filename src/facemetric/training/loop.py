@@ -494,7 +494,7 @@ def train(
     model: nn.Module | None = None,
     loss: nn.Module | None = None,
     context: DistributedContext | None = None,
-    on_step: Callable[[StepInfo], None] | None = None,
+    on_step: Callable[[StepInfo], bool | None] | None = None,
     progress: bool = True,
     averaged: WeightAverage | None = None,
 ) -> TrainResult:
@@ -517,8 +517,14 @@ def train(
             where ``extra`` are the dataset items' fields after the label (none, or the
             teacher's embedding).
         context: rank/world size (default: one process).
-        on_step: called after every step; an exception raised there stops training (what
-            a crash would do: no final checkpoint, plot or result).
+        on_step: called after every step (after that step's checkpoint, if one is due).
+            Returning ``True`` (that bool: anything else returned is ignored, so a hook that
+            happens to return a value does not stop a run) ends it there as at its last
+            step — a checkpoint of that step is written (the weights a caller evaluates are
+            the ones saved) and the result is returned; with several processes every one must
+            return the same. An
+            exception raised there stops training as a crash would (no final checkpoint,
+            plot or result).
         progress: show a tqdm bar (loss, img/s, ETA).
         averaged: with ``[train] ema_decay``, the :class:`WeightAverage` of ``model`` to
             update (so that a caller can evaluate it while the run goes on); default: one
@@ -729,6 +735,33 @@ def train(
     if structure is not None and not structure.ready:  # built before the first batch
         structure.refresh(ctx.unwrap_model(model), step)
     last_ckpt: Path | None = ckpt_path
+    saved_step = step if ckpt_path is not None else -1  # the step last_ckpt holds
+
+    def write_checkpoint() -> None:
+        nonlocal last_ckpt, saved_step
+        if ctx.world_size > 1:  # a collective: sharded centres are gathered
+            from facemetric.training.distributed import gather_sharded_state
+
+            loss_state, optim_state = gather_sharded_state(loss, optimizer)
+        else:
+            loss_state, optim_state = loss.state_dict(), optimizer.state_dict()
+        broken = non_finite_tensors(
+            {"model": ctx.unwrap_model(model).state_dict(), "loss": loss_state}
+        )
+        if _failing_ranks(ctx, bool(broken)):
+            raise FloatingPointError(
+                f"the weights are not finite after step {step} "
+                f"({', '.join(broken[:5])}); no checkpoint written — the last "
+                f"one, {last_ckpt}, is intact: resume from it with a lower "
+                "[optimizer] lr or [train] grad_clip"
+            )
+        if ctx.is_main:
+            last_ckpt = save_checkpoint(make_state(loss_state, optim_state),
+                                        out_dir, step, config.train.keep_checkpoints)
+        saved_step = step
+        ctx.barrier()
+
+    stopped_early = False
     loader_gen = torch.Generator()  # keeps the DataLoader off the global RNG
     bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
                disable=not (progress and ctx.is_main), desc="train")
@@ -737,7 +770,7 @@ def train(
     window_terms: dict[str, list[float]] = {}  # the objective's parts (its ``last``), per step
     run_images = 0
     try:
-        while step < total_steps:
+        while step < total_steps and not stopped_early:
             sampler.set_epoch(epoch)
             loader = DataLoader(
                 data,
@@ -831,29 +864,14 @@ def train(
                                    f"{rate:.1f}", f"{wall:.2f}", terms])
                     window_start, window_steps, window_terms = now, 0, {}
                 if step % config.train.checkpoint_every == 0 or step == total_steps:
-                    if ctx.world_size > 1:  # a collective: sharded centres are gathered
-                        from facemetric.training.distributed import gather_sharded_state
-
-                        loss_state, optim_state = gather_sharded_state(loss, optimizer)
-                    else:
-                        loss_state, optim_state = loss.state_dict(), optimizer.state_dict()
-                    broken = non_finite_tensors(
-                        {"model": ctx.unwrap_model(model).state_dict(), "loss": loss_state}
-                    )
-                    if _failing_ranks(ctx, bool(broken)):
-                        raise FloatingPointError(
-                            f"the weights are not finite after step {step} "
-                            f"({', '.join(broken[:5])}); no checkpoint written — the last "
-                            f"one, {last_ckpt}, is intact: resume from it with a lower "
-                            "[optimizer] lr or [train] grad_clip"
-                        )
-                    if ctx.is_main:
-                        last_ckpt = save_checkpoint(make_state(loss_state, optim_state),
-                                                    out_dir, step, config.train.keep_checkpoints)
-                    ctx.barrier()
-                if on_step is not None:
-                    on_step(StepInfo(step, step_epoch, batch_in_epoch, history[-1], lr))
-                if step >= total_steps or restart:
+                    write_checkpoint()
+                if on_step is not None and on_step(
+                    StepInfo(step, step_epoch, batch_in_epoch, history[-1], lr)
+                ) is True:
+                    stopped_early = True  # the caller's budget: end here as at the last step
+                    if saved_step != step:
+                        write_checkpoint()
+                if step >= total_steps or restart or stopped_early:
                     break  # a restart: the next loader starts at batch_in_epoch
     finally:
         bar.close()

@@ -522,9 +522,8 @@ def train(
             happens to return a value does not stop a run) ends it there as at its last
             step — a checkpoint of that step is written (the weights a caller evaluates are
             the ones saved) and the result is returned; with several processes every one must
-            return the same. An
-            exception raised there stops training as a crash would (no final checkpoint,
-            plot or result).
+            return the same. An exception raised there stops training as a crash would (no
+            final checkpoint, plot or result).
         progress: show a tqdm bar (loss, img/s, ETA).
         averaged: with ``[train] ema_decay``, the :class:`WeightAverage` of ``model`` to
             update (so that a caller can evaluate it while the run goes on); default: one

@@ -585,7 +585,8 @@ def test_resume_restores_stateful_losses_bit_exactly(faces, tmp_path, name):
         assert int(want["margin.iteration"]) == n
 
 
-def test_a_caller_s_stop_checkpoints_that_step_and_resumes_exactly(faces, tmp_path):
+def test_a_caller_s_stop_checkpoints_that_step_and_resumes_exactly(faces, tmp_path,
+                                                                     monkeypatch):
     """``on_step`` returning true ends the run at that step as at its last: the weights it
     returns are the ones checkpointed there (not those of an older checkpoint), and a
     resume from that checkpoint continues as if nothing had stopped."""
@@ -605,10 +606,18 @@ def test_a_caller_s_stop_checkpoints_that_step_and_resumes_exactly(faces, tmp_pa
     for key, value in _params(stopped.model).items():
         assert torch.equal(state["model"][key], value), key
     # a stop on a step that already has its checkpoint writes it once
+    import facemetric.training.loop as loop_module
+
+    written: list[int] = []
+    real_save = loop_module.save_checkpoint
+    monkeypatch.setattr(loop_module, "save_checkpoint", lambda state, *a, **k: (
+        written.append(int(state["step"])), real_save(state, *a, **k))[1])
     again = train(_config(faces, tmp_path / "on_ckpt", "test_normsoftmax", max_steps=n,
                           checkpoint_every=4), progress=False,
                   on_step=lambda info: info.step == 4)
     assert again.steps == 4 and again.checkpoint.name == "checkpoint_000000004.pt"
+    assert written == [4]
+    monkeypatch.undo()
     resumed = train(_config(faces, tmp_path / "stopped", "test_normsoftmax", max_steps=n,
                             checkpoint_every=4), resume=True, progress=False)
     assert resumed.resumed_from == 6 and resumed.steps == n

@@ -99,7 +99,8 @@ def test_round_trip_through_to_dict(tmp_path):
 @pytest.mark.parametrize(("text", "pattern"), [
     ("sed = 1", r"unknown key 'sed'.*valid top-level keys.*'seed'"),
     ("[optimizer]\nlr = 0.1\nlrr = 2", r"unknown key 'lrr' in \[optimizer\]; valid keys: .*'lr'"),
-    ("[batch]\nsize = 8\npk = 2", r"unknown key 'pk' in \[batch\]; valid keys: \['k', 'p',"),
+    ("[batch]\nsize = 8\npk = 2",
+     r"unknown key 'pk' in \[batch\]; valid keys: \['k', 'min_images', 'p',"),
     ("[train]\nsteps = 3", r"\[train\].*valid keys:.*'max_steps'"),
 ])
 def test_unknown_keys_are_named_with_the_valid_ones(tmp_path, text, pattern):
@@ -125,6 +126,10 @@ def test_type_errors_are_explained(tmp_path, text, pattern):
 @pytest.mark.parametrize(("text", "pattern"), [
     ("[batch]\np = 4", "give both p and k"),
     ("[batch]\np = 1\nk = 4", "p and k must be >= 2"),
+    ("[batch]\np = 4\nk = 4\nmin_images = 0", r"\[batch\] min_images must be >= 1, got 0"),
+    ("[batch]\nsize = 8\nmin_images = 1", r"min_images applies to P×K batches only"),
+    ('[loss]\nname = "magnet"\n[batch]\np = 4\nk = 4\nmin_images = 1',
+     r"with \[magnet\] the batches come from the magnet clusters"),
     ('[train]\namp_dtype = "fp8"', "amp_dtype must be one of"),
     ('[optimizer]\nname = "adam"', "name must be one of"),
     ("[optimizer]\nlr = -1", "lr must be > 0"),

@@ -23,7 +23,7 @@ from facemetric.training import (
     run_from_cli,
     train,
 )
-from facemetric.training.builders import register_loss
+from facemetric.training.builders import build_model, register_loss
 from facemetric.training.config import AuxLossConfig
 from facemetric.training.loop import ShuffledBatchSampler
 
@@ -687,3 +687,83 @@ def test_bf16_amp_on_cpu_runs_the_backbone_in_bfloat16(faces, tmp_path):
     state = load_checkpoint(ckpt)
     assert all(v.dtype == torch.float32 for v in state["model"].values()
                if v.is_floating_point())
+
+
+class _ReadLog(torch.utils.data.Dataset):
+    """Images in memory (uint8 ``(H, W, 3)``) with ``targets``; every read's label is logged."""
+
+    def __init__(self, images: list[np.ndarray], labels: list[int]) -> None:
+        self.images, self.targets = images, labels
+        self.num_classes = max(labels) + 1
+        self.reads: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        self.reads.append(self.targets[index])
+        return self.images[index], self.targets[index]
+
+
+class _InputLog(nn.Module):
+    """``inner`` unchanged, keeping a copy of every training batch it is given."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.batches: list[Tensor] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.batches.append(x.detach().clone())
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("min_images", [1, 2])
+def test_batch_min_images_decides_whether_single_image_identities_are_drawn(tmp_path,
+                                                                            min_images):
+    """3 identities with 4 images and 5 with one. ``[batch] min_images = 1`` puts the 5
+    singletons into batches as k augmented copies of their image (which differ); the default
+    2 never reads them."""
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    labels = [0] * 4 + [1] * 4 + [2] * 4 + [3, 4, 5, 6, 7]
+    images = [rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8) for _ in labels]
+    data = _ReadLog(images, labels)
+    cfg = _config(tmp_path / "data-unused", tmp_path / "run", "triplet", max_steps=6,
+                  checkpoint_every=100)
+    cfg.batch.min_images = min_images
+    model = _InputLog(build_model(cfg.model))
+    train(cfg, dataset=data, model=model, progress=False)
+
+    k = cfg.batch.k
+    assert len(model.batches) == 6 and len(data.reads) == 6 * cfg.batch.p * k
+    drawn = set(data.reads)
+    if min_images == 2:
+        assert drawn == {0, 1, 2}
+        return
+    assert drawn == set(range(8))  # 8 identities, 3 per batch: every one within 3 batches
+    copies = 0
+    for step, batch in enumerate(model.batches):
+        for slot in range(cfg.batch.p):
+            ids = data.reads[(step * cfg.batch.p + slot) * k:(step * cfg.batch.p + slot + 1) * k]
+            assert len(set(ids)) == 1  # k images of one identity, laid out together
+            if ids[0] >= 3:  # a singleton: k augmentations of one image, no two equal
+                views = batch[slot * k:(slot + 1) * k].flatten(1)
+                assert all(not torch.equal(views[i], views[j])
+                           for i in range(k) for j in range(i + 1, k))
+                copies += 1
+    assert copies >= 5
+
+
+def test_batch_min_images_1_without_augmentation_is_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = [0] * 4 + [1] * 4 + [2] * 4 + [3]
+    data = _ReadLog([rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8) for _ in labels],
+                    labels)
+    cfg = _config(tmp_path / "data-unused", tmp_path / "run", "triplet")
+    cfg.batch.min_images = 1
+    cfg.augment = type(cfg.augment)(flip=False)
+    with pytest.raises(ValueError, match=r"min_images = 1 .* identical: enable an \[augment\]"):
+        train(cfg, dataset=data, progress=False)
+    assert data.reads == []

@@ -142,11 +142,20 @@ class ScheduleConfig:
 @dataclass
 class BatchConfig:
     """Shuffled batches of ``size``, or P×K batches (``p`` identities × ``k`` images) when
-    ``p`` and ``k`` are given — required by pair losses."""
+    ``p`` and ``k`` are given — required by pair losses.
+
+    ``min_images`` (P×K only): identities with fewer images are never drawn (``PKSampler``,
+    ``HardIdentitySampler``). The default 2 skips single-image identities, which cannot form
+    a positive pair; 1 draws them too, as ``k`` copies of their one image, whose positives
+    then differ only by the ``[augment]`` draws (so an augmentation is required). This is a
+    filter on the batches; ``[data] min_images`` filters the dataset (and a classifier
+    head's classes) before.
+    """
 
     size: int = 128
     p: int | None = None
     k: int | None = None
+    min_images: int = 2
 
     @property
     def uses_pk(self) -> bool:
@@ -590,7 +599,10 @@ def check_config(config: TrainConfig, source: str = "config") -> None:
     _need((b.p is None) == (b.k is None), f"{s}: [batch] give both p and k, or neither")
     if b.p is not None and b.k is not None:
         _need(b.p >= 2 and b.k >= 2, f"{s}: [batch] p and k must be >= 2, got p={b.p}, k={b.k}")
+        _need(b.min_images >= 1, f"{s}: [batch] min_images must be >= 1, got {b.min_images}")
     else:
+        _need(b.min_images == BatchConfig.min_images,
+              f"{s}: [batch] min_images applies to P×K batches only: set p and k, or remove it")
         _need(b.size >= 2, f"{s}: [batch] size must be >= 2, got {b.size}")
     _need(t.epochs >= 1, f"{s}: [train] epochs must be >= 1, got {t.epochs}")
     _need(t.max_steps is None or t.max_steps >= 1, f"{s}: [train] max_steps must be >= 1")
@@ -642,6 +654,10 @@ def check_config(config: TrainConfig, source: str = "config") -> None:
         _need(not mi.global_index,
               f"{s}: [mining] global_index and [{kind}] both build the batches; set "
               f"[mining] global_index = false or [{kind}] enabled = false")
+        _need(b.min_images == BatchConfig.min_images,
+              f"{s}: [batch] min_images chooses the identities of P×K batches, but with "
+              f"[{kind}] the batches come from {what}: remove it (or filter the dataset with "
+              "[data] min_images)")
         if kind == "class_tree" and b.p is not None:
             _need(b.p % ct.classes_per_anchor == 0,
                   f"{s}: [class_tree] classes_per_anchor ({ct.classes_per_anchor}) must divide "

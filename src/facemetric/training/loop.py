@@ -71,7 +71,13 @@ from tqdm.auto import tqdm
 
 from facemetric.data.folders import IdentityFolder, LoadFailure
 from facemetric.data.samplers import PKSampler
-from facemetric.data.transforms import Compose, sample_seeds, train_transform
+from facemetric.data.transforms import (
+    Compose,
+    Resize,
+    ToTensor,
+    sample_seeds,
+    train_transform,
+)
 from facemetric.training.builders import (
     add_aux_losses,
     build_loss,
@@ -298,7 +304,8 @@ def _hard_identity_batches(
 
     m, b = config.mining, config.batch
     assert b.p is not None and b.k is not None
-    sampler = HardIdentitySampler(labels, b.p, b.k, neighbours=m.neighbours, seed=config.seed,
+    sampler = HardIdentitySampler(labels, b.p, b.k, neighbours=m.neighbours,
+                                  min_images=b.min_images, seed=config.seed,
                                   num_replicas=ctx.world_size, rank=ctx.rank)
     index = EmbeddingIndex(per_image=m.per_image, backend=m.backend,
                            approximate_above=m.approximate_above, approximate=m.approximate)
@@ -583,7 +590,7 @@ def train(
     elif structure is not None:
         sampler = refresher = structure
     elif b.p is not None and b.k is not None:
-        sampler = PKSampler(labels, b.p, b.k, seed=config.seed,
+        sampler = PKSampler(labels, b.p, b.k, min_images=b.min_images, seed=config.seed,
                             num_replicas=ctx.world_size, rank=ctx.rank)
     elif loss is None and pair_terms:
         raise ValueError(
@@ -605,6 +612,14 @@ def train(
         downscale_scale=a.downscale_scale, jpeg_prob=a.jpeg_prob,
         jpeg_quality=[int(q) for q in a.jpeg_quality],
     )
+    if b.p is not None and b.min_images == 1 and all(
+        isinstance(op, (Resize, ToTensor)) for op in transform.ops
+    ):
+        raise ValueError(
+            "[batch] min_images = 1 fills a single-image identity's k slots with copies of its "
+            "one image, and without augmentation those positives are identical: enable an "
+            "[augment] transform (flip, crop_scale, padding, colour ...) or set min_images >= 2"
+        )
     data = AugmentedDataset(
         dataset if structure is None else structure.training_dataset(dataset), transform
     )

@@ -12,11 +12,14 @@ from facemetric.data.transforms import (
     Compose,
     GaussianBlur,
     HorizontalFlip,
+    PoseDraw,
     RandomGrayscale,
+    RandomPose,
     RandomResizedCrop,
     Resize,
     ToTensor,
     eval_transform,
+    pose_maps,
     sample_seeds,
     train_transform,
 )
@@ -180,3 +183,84 @@ def test_bad_inputs_are_refused():
         RandomResizedCrop(8, scale=(0.0, 1.0))
     with pytest.raises(ValueError, match="brightness"):
         ColorJitter(brightness=2.0)
+
+
+def _forward(draw: PoseDraw, x: float, y: float, h: int, w: int) -> tuple[float, float] | None:
+    """Where source pixel (x, y) lands, computed forward in float64 with 3-D vectors: the photo
+    on a cylinder of radius (w − 1)/2 about the image centre, turned about the vertical axis,
+    seen orthographically (``None``: turned out of sight), then rolled, zoomed, shifted."""
+    cx, cy, r = (w - 1) / 2, (h - 1) / 2, (w - 1) / 2
+    phi = np.arcsin(np.clip((x - cx) / r, -1.0, 1.0))
+    point = np.array([r * np.sin(phi), y - cy, r * np.cos(phi)])  # z towards the camera
+    t = draw.yaw
+    turn = np.array([[np.cos(t), 0.0, np.sin(t)], [0.0, 1.0, 0.0],
+                     [-np.sin(t), 0.0, np.cos(t)]])
+    px, py, pz = turn @ point
+    if pz < -1e-3:  # behind the rim (a float32 map may read the rim itself at -1e-6)
+        return None
+    c, s = np.cos(draw.roll), np.sin(draw.roll)
+    ox, oy = draw.zoom * (c * px - s * py), draw.zoom * (s * px + c * py)
+    return cx + draw.dx + ox, cy + draw.dy + oy
+
+
+def test_pose_maps_invert_a_turned_cylinder_computed_forward():
+    h, w = 48, 56
+    for draw in (PoseDraw(0.5, 0.0, 1.0, 0.0, 0.0), PoseDraw(-0.8, 0.3, 0.9, 4.0, -3.0),
+                 PoseDraw(0.2, -0.2, 1.1, -5.0, 2.0)):
+        map_x, map_y = pose_maps(draw, h, w)
+        seen = np.argwhere(map_x >= 0)
+        assert len(seen) > h * w // 3
+        # every output pixel that sees the photo reads the source point that lands on it
+        for i, j in seen[::7]:
+            landed = _forward(draw, float(map_x[i, j]), float(map_y[i, j]), h, w)
+            assert landed is not None
+            np.testing.assert_allclose(landed, (j, i), atol=2e-3)
+    # a quarter turn away: the far half of the photo is out of sight, the output black there
+    map_x, _ = pose_maps(PoseDraw(np.radians(60.0), 0.0, 1.0, 0.0, 0.0), h, w)
+    # (output columns left of c − r sin 30° = 13.75 show nothing)
+    assert (map_x[:, :13] == -1).all() and (map_x[:, 15:] >= 0).all()
+    # what stays in sight is the source left of c + r sin 30° = 41.25: the rest turned away
+    assert map_x[map_x >= 0].min() < 6
+    assert map_x.max() == pytest.approx((w - 1) / 2 * (1 + np.sin(np.pi / 6)), abs=1e-4)
+    with pytest.raises(ValueError, match="radius"):
+        pose_maps(PoseDraw(0.0, 0.0, 1.0, 0.0, 0.0), h, w, radius=0.0)
+
+
+def test_random_pose_moves_a_point_where_the_forward_model_says_and_fills_black():
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[20:23, 36:39] = 255  # a 3×3 dot centred on (x, y) = (37, 21)
+    op = RandomPose(1.0, yaw=45.0, roll=20.0, scale=(0.8, 1.1), shift=0.1)
+    checked = 0
+    for seed in range(8):
+        out = op(img, _rng(seed))
+        rng = _rng(seed)
+        rng.random()  # the p draw
+        seen = _forward(op.draw(rng, 64, 64), 37.0, 21.0, 64, 64)
+        assert seen is not None
+        ys, xs = np.nonzero(out[..., 0])
+        weights = out[ys, xs, 0].astype(float)
+        centroid = (np.sum(xs * weights) / weights.sum(), np.sum(ys * weights) / weights.sum())
+        np.testing.assert_allclose(centroid, seen, atol=0.6)
+        checked += 1
+    assert checked == 8
+    # zoomed out: the area the photo no longer covers is black
+    small = RandomPose(1.0, yaw=0.0, roll=0.0, scale=(0.5, 0.5), shift=0.0)
+    out = small(np.full((40, 40, 3), 200, np.uint8), _rng(0))
+    assert out[:5].max() == 0 and out[-5:].max() == 0 and out[15:25, 15:25].min() == 200
+
+
+def test_random_pose_without_motion_or_probability_is_the_identity():
+    img = _image(32, 28)
+    still = RandomPose(1.0, yaw=0.0, roll=0.0, scale=(1.0, 1.0), shift=0.0)
+    np.testing.assert_array_equal(still(img, _rng(1)), img)
+    assert RandomPose(0.0)(img, _rng(1)) is img
+    turned = RandomPose(1.0)(img, _rng(1))
+    assert turned.shape == img.shape and turned.dtype == np.uint8
+    assert not np.array_equal(turned, img)
+    op = train_transform(16, flip=False, pose_prob=0.5)
+    assert isinstance(op.ops[0], RandomPose) and op.ops[0].p == 0.5
+    for bad, pattern in (({"yaw": 90.0}, "yaw"), ({"roll": -1.0}, "roll"),
+                         ({"scale": (1.2, 1.1)}, "scale"), ({"shift": 1.0}, "shift"),
+                         ({"radius": 0.0}, "radius"), ({"p": 2.0}, "probability")):
+        with pytest.raises(ValueError, match=pattern):
+            RandomPose(**bad)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import cv2
@@ -357,6 +358,107 @@ class RandomOcclusion:
         return f"RandomOcclusion(p={self.p}, area={self.area})"
 
 
+@dataclass(frozen=True)
+class PoseDraw:
+    """One draw of :class:`RandomPose`: ``yaw`` and ``roll`` in radians, ``zoom`` a factor,
+    ``dx``, ``dy`` a shift in pixels."""
+
+    yaw: float
+    roll: float
+    zoom: float
+    dx: float
+    dy: float
+
+
+def pose_maps(draw: PoseDraw, height: int, width: int, radius: float = 1.0,
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Where each output pixel of :class:`RandomPose` reads the source (``cv2.remap`` maps,
+    float32; ``-1`` where nothing of the photo is seen, which remap fills black).
+
+    The forward model: the photo is wrapped round a vertical cylinder of radius
+    ``r = radius · (width − 1)/2`` about the image centre ``c`` (orthographic view, so column
+    offset ``u = x − c_x`` is the point at angle ``φ = asin(u / r)``), the cylinder turns by
+    ``yaw`` (the point moves to ``φ + yaw``, seen at ``r sin(φ + yaw)``, hidden once
+    ``|φ + yaw| ≥ 90°``), then the turned picture is rotated by ``roll``, scaled by ``zoom``
+    about ``c`` and shifted by ``(dx, dy)``. The side turning away is compressed and the other
+    stretched, as on a head that turns (a face is not a cylinder: the nose's occlusion of the
+    far cheek is not made). Inverted here pixel by pixel.
+    """
+    r = radius * (width - 1) / 2.0
+    if r <= 0:
+        raise ValueError(f"radius must be > 0, got {radius}")
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    px = (np.arange(width, dtype=np.float64) - cx - draw.dx)[None, :]  # broadcast: no grid
+    py = (np.arange(height, dtype=np.float64) - cy - draw.dy)[:, None]
+    c, s = math.cos(draw.roll), math.sin(draw.roll)
+    qx = (c * px + s * py) / draw.zoom  # undo roll and zoom: R(−roll) p / zoom
+    qy = (-s * px + c * py) / draw.zoom
+    rim = 1e-9  # the rim itself is in sight (orthographic view): the identity keeps every column
+    seen = np.abs(qx) <= r * (1.0 + rim)
+    phi = np.arcsin(np.clip(qx / r, -1.0, 1.0)) - draw.yaw  # the angle before the turn
+    seen &= np.abs(phi) <= math.pi / 2 + rim
+    map_x = np.where(seen, cx + r * np.sin(phi), -1.0).astype(np.float32)
+    map_y = np.where(seen, cy + qy, -1.0).astype(np.float32)
+    return map_x, map_y
+
+
+class RandomPose:
+    """With probability ``p``, show the face as if the head had turned and the aligner had
+    placed it less well (:func:`pose_maps`): yaw uniform in ``±yaw`` degrees, roll uniform in
+    ``±roll`` degrees, a scale uniform in ``scale``, a shift uniform in ``±shift`` of each
+    side; what the photo no longer covers is black, as where an aligner's warp leaves the
+    photo (CFP's profile crops). Output size = input size. Draws, after the ``p`` draw: yaw,
+    roll, scale, shift x, shift y (:meth:`draw`).
+    """
+
+    def __init__(
+        self,
+        p: float = 0.5,
+        yaw: float = 40.0,
+        roll: float = 10.0,
+        scale: Sequence[float] = (0.9, 1.1),
+        shift: float = 0.1,
+        radius: float = 1.0,
+    ) -> None:
+        self.p = _check_prob(p, "p")
+        if not 0.0 <= yaw < 90.0:
+            raise ValueError(f"yaw must be in [0, 90) degrees, got {yaw}")
+        if not 0.0 <= roll <= 180.0:
+            raise ValueError(f"roll must be in [0, 180] degrees, got {roll}")
+        lo, hi = (float(x) for x in scale)
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"scale must satisfy 0 < min <= max, got {tuple(scale)}")
+        if not 0.0 <= shift < 1.0:
+            raise ValueError(f"shift must be in [0, 1) of the side, got {shift}")
+        if radius <= 0:
+            raise ValueError(f"radius must be > 0 half-widths, got {radius}")
+        self.yaw, self.roll, self.scale = float(yaw), float(roll), (lo, hi)
+        self.shift, self.radius = float(shift), float(radius)
+
+    def draw(self, rng: np.random.Generator, height: int, width: int) -> PoseDraw:
+        """The pose parameters for one image (the draws after the ``p`` draw)."""
+        return PoseDraw(
+            yaw=math.radians(rng.uniform(-self.yaw, self.yaw)),
+            roll=math.radians(rng.uniform(-self.roll, self.roll)),
+            zoom=rng.uniform(*self.scale),
+            dx=rng.uniform(-self.shift, self.shift) * width,
+            dy=rng.uniform(-self.shift, self.shift) * height,
+        )
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        _check_image(image, "RandomPose")
+        if rng.random() >= self.p:
+            return image
+        height, width = image.shape[:2]
+        map_x, map_y = pose_maps(self.draw(rng, height, width), height, width, self.radius)
+        return cv2.remap(image, map_x, map_y, cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+
+    def __repr__(self) -> str:
+        return (f"RandomPose(p={self.p}, yaw={self.yaw}, roll={self.roll}, scale={self.scale}, "
+                f"shift={self.shift}, radius={self.radius})")
+
+
 class ToTensor:
     """``(H, W, 3)`` uint8 → float32 ``(3, H, W)`` tensor ``(x/255 − mean)/std``.
 
@@ -398,12 +500,19 @@ def train_transform(
     downscale_scale: Sequence[float] = (0.2, 1.0),
     jpeg_prob: float = 0.0,
     jpeg_quality: Sequence[int] = (10, 60),
+    pose_prob: float = 0.0,
+    pose_yaw: float = 40.0,
+    pose_roll: float = 10.0,
+    pose_scale: Sequence[float] = (0.9, 1.1),
+    pose_shift: float = 0.1,
 ) -> Compose:
-    """The usual face-training pipeline: [occlude → downscale → JPEG, at the source
-    resolution, in the order a scene, a sensor and an encoder act] → crop/pad → resize →
-    flip → jitter → blur → gray → tensor. Ops whose strength or probability is 0 are left
-    out; the result is always ``size``."""
+    """The usual face-training pipeline: [pose → occlude → downscale → JPEG, at the source
+    resolution, in the order a head, a scene, a sensor and an encoder act] → crop/pad →
+    resize → flip → jitter → blur → gray → tensor. Ops whose strength or probability is 0
+    are left out; the result is always ``size``."""
     ops: list[Transform] = []
+    if pose_prob > 0:
+        ops.append(RandomPose(pose_prob, pose_yaw, pose_roll, pose_scale, pose_shift))
     if occlusion_prob > 0:
         ops.append(RandomOcclusion(occlusion_prob, occlusion_area))
     if downscale_prob > 0:

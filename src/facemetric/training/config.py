@@ -53,7 +53,11 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """Training augmentation (``facemetric.data.transforms.train_transform``)."""
+    """Training augmentation (``facemetric.data.transforms.train_transform``).
+
+    ``pose_*``: :class:`facemetric.data.transforms.RandomPose` (yaw and roll in degrees,
+    shift as a fraction of the side), applied with probability ``pose_prob``.
+    """
 
     flip: bool = True
     crop_scale: list[float] = field(default_factory=lambda: [1.0, 1.0])
@@ -71,6 +75,11 @@ class AugmentConfig:
     downscale_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     jpeg_prob: float = 0.0
     jpeg_quality: list[int] = field(default_factory=lambda: [10, 60])
+    pose_prob: float = 0.0
+    pose_yaw: float = 40.0
+    pose_roll: float = 10.0
+    pose_scale: list[float] = field(default_factory=lambda: [0.9, 1.1])
+    pose_shift: float = 0.1
 
 
 @dataclass
@@ -545,7 +554,7 @@ def check_config(config: TrainConfig, source: str = "config") -> None:
     _need(d.min_images >= 1, f"{s}: [data] min_images must be >= 1, got {d.min_images}")
     _need(d.num_workers >= 0, f"{s}: [data] num_workers must be >= 0, got {d.num_workers}")
     for key in ("crop_scale", "crop_ratio", "blur_sigma", "occlusion_area", "downscale_scale",
-                "jpeg_quality"):
+                "jpeg_quality", "pose_scale"):
         pair = getattr(a, key)
         _need(
             len(pair) == 2 and 0 < pair[0] <= pair[1],
@@ -561,9 +570,15 @@ def check_config(config: TrainConfig, source: str = "config") -> None:
     )
     _need(a.padding >= 0, f"{s}: [augment] padding must be >= 0")
     for key in ("brightness", "contrast", "saturation", "blur_prob", "grayscale_prob",
-                "occlusion_prob", "downscale_prob", "jpeg_prob"):
+                "occlusion_prob", "downscale_prob", "jpeg_prob", "pose_prob"):
         value = getattr(a, key)
         _need(0.0 <= value <= 1.0, f"{s}: [augment] {key} must be in [0, 1], got {value}")
+    _need(0.0 <= a.pose_yaw < 90.0, f"{s}: [augment] pose_yaw must be in [0, 90) degrees, got "
+          f"{a.pose_yaw}")
+    _need(0.0 <= a.pose_roll <= 180.0, f"{s}: [augment] pose_roll must be in [0, 180] degrees, "
+          f"got {a.pose_roll}")
+    _need(0.0 <= a.pose_shift < 1.0, f"{s}: [augment] pose_shift must be in [0, 1) of the "
+          f"side, got {a.pose_shift}")
     _need(m.embedding_size >= 1, f"{s}: [model] embedding_size must be >= 1")
     _need(bool(config.loss.name), f"{s}: [loss] name is required")
     _need(config.loss.margin_warmup_steps >= 0, f"{s}: [loss] margin_warmup_steps must be >= 0")

@@ -610,7 +610,9 @@ def train(
         blur_sigma=a.blur_sigma, occlusion_prob=a.occlusion_prob,
         occlusion_area=a.occlusion_area, downscale_prob=a.downscale_prob,
         downscale_scale=a.downscale_scale, jpeg_prob=a.jpeg_prob,
-        jpeg_quality=[int(q) for q in a.jpeg_quality],
+        jpeg_quality=[int(q) for q in a.jpeg_quality], pose_prob=a.pose_prob,
+        pose_yaw=a.pose_yaw, pose_roll=a.pose_roll, pose_scale=a.pose_scale,
+        pose_shift=a.pose_shift,
     )
     if b.p is not None and b.min_images == 1 and all(
         isinstance(op, (Resize, ToTensor)) for op in transform.ops

@@ -230,7 +230,6 @@ def test_random_pose_moves_a_point_where_the_forward_model_says_and_fills_black(
     img = np.zeros((64, 64, 3), np.uint8)
     img[20:23, 36:39] = 255  # a 3×3 dot centred on (x, y) = (37, 21)
     op = RandomPose(1.0, yaw=45.0, roll=20.0, scale=(0.8, 1.1), shift=0.1)
-    checked = 0
     for seed in range(8):
         out = op(img, _rng(seed))
         rng = _rng(seed)
@@ -241,8 +240,6 @@ def test_random_pose_moves_a_point_where_the_forward_model_says_and_fills_black(
         weights = out[ys, xs, 0].astype(float)
         centroid = (np.sum(xs * weights) / weights.sum(), np.sum(ys * weights) / weights.sum())
         np.testing.assert_allclose(centroid, seen, atol=0.6)
-        checked += 1
-    assert checked == 8
     # zoomed out: the area the photo no longer covers is black
     small = RandomPose(1.0, yaw=0.0, roll=0.0, scale=(0.5, 0.5), shift=0.0)
     out = small(np.full((40, 40, 3), 200, np.uint8), _rng(0))

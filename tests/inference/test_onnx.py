@@ -94,7 +94,7 @@ def _calibrate_batchnorm(model: nn.Module, faces: np.ndarray, size: int) -> nn.M
 
 
 def _torch_encoder(name: str, dim: int, size: int, faces: np.ndarray, flip: bool,
-                   **options: int) -> TorchEncoder:
+                   **options: int | str) -> TorchEncoder:
     model = _calibrate_batchnorm(build_model(name, dim, **options), faces, size)
     contract = ModelContract(
         backbone=name, input_size=size, template="arcface112", embedding_size=dim,
@@ -168,7 +168,12 @@ def _rewrite_metadata(src: Path, dst: Path, changes: dict[str, str | None]) -> P
 
 @pytest.mark.parametrize(
     ("name", "dim", "size", "options"),
-    [("mobilefacenet", 128, 112, {}), ("small_cnn", 128, 112, {})],
+    [
+        ("mobilefacenet", 128, 112, {}),
+        ("mobilefacenet", 128, 64, {"input_size": 64, "pool": "gem"}),
+        ("iresnet18", 64, 64, {"input_size": 64}),
+        ("small_cnn", 128, 112, {}),
+    ],
 )
 def test_onnx_embeddings_match_torch_at_every_batch_size(faces, tmp_path, name, dim, size,
                                                           options):

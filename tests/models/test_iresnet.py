@@ -151,3 +151,22 @@ def test_zero_init_residual_starts_units_as_their_shortcut():
 def test_bad_configuration_raises(kwargs, message):
     with pytest.raises(ValueError, match=message):
         IResNet(**kwargs)
+
+
+def test_a_smaller_input_size_shrinks_the_maps_and_the_head():
+    model = build_model("iresnet18", embedding_size=128, input_size=64).eval()
+    # the 4×4 final map: the head's FC has 512·16·128 weights instead of 512·49·128
+    full = build_model("iresnet18", embedding_size=128)
+    assert n_params(full) - n_params(model) == 512 * (49 - 16) * 128
+    sizes = []
+    for stage in model.stages:
+        stage.register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape)))
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 128) and torch.isfinite(out).all()
+    assert sizes == [(2, 64, 32, 32), (2, 128, 16, 16), (2, 256, 8, 8), (2, 512, 4, 4)]
+    with pytest.raises(ValueError, match="64×64"):
+        model(torch.randn(1, 3, 112, 112))
+    for bad in (100, 16, 64.0):
+        with pytest.raises(ValueError, match="input_size"):
+            build_model("iresnet18", input_size=bad)

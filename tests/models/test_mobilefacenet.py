@@ -135,3 +135,34 @@ def test_dropout_acts_in_training_only_and_keeps_the_checkpoint_keys():
     assert 0.4 < zero < 0.6
     with pytest.raises(ValueError, match="dropout"):
         build_model("mobilefacenet", dropout=1.0)
+
+
+def test_gem_pool_replaces_the_gdc_and_feeds_the_embedding_its_generalised_mean():
+    torch.manual_seed(0)
+    gdc = build_model("mobilefacenet", embedding_size=128)
+    gem = build_model("mobilefacenet", embedding_size=128, pool="gem")
+    # the GDC's 7·7·512 weights and its BN's 2·512 go, one learnt exponent comes
+    assert n_params(gem) == mobilefacenet_params(128) - (7 * 7 * 512 + 2 * 512) + 1
+    assert "gem.p" in gem.state_dict() and not any(k.startswith("gdc.") for k in gem.state_dict())
+    assert not any(k.startswith("gem.") for k in gdc.state_dict())  # old checkpoints load
+    gem.eval()
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, from_input: bool):  # a hook that returns None leaves the output alone
+        def hook(module, inputs, output) -> None:
+            seen[name] = inputs[0] if from_input else output
+
+        return hook
+
+    gem.expand.register_forward_hook(keep("map", False))
+    gem.embed.register_forward_hook(keep("pooled", True))
+    with torch.no_grad():
+        out = gem(torch.randn(2, 3, 112, 112))
+    assert out.shape == (2, 128)
+    feature_map = seen["map"].double()  # (2, 512, 7, 7), PReLU output: some negatives
+    assert (feature_map < 0).any()
+    p = float(gem.gem.p)
+    want = feature_map.clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1 / p)
+    torch.testing.assert_close(seen["pooled"][:, :, 0, 0].double(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="pool must be one of"):
+        build_model("mobilefacenet", pool="avg")

@@ -9,6 +9,10 @@ Differences from the ImageNet ResNet, all for 112×112 faces:
   sits on the unit's second convolution and the first unit of every stage has stride 2;
 - embedding head "option E": ``BN → Dropout → FC(512·7·7 → D) → BN``.
 
+``input_size`` (a multiple of 16, default 112) runs the same network on smaller crops: the
+final map is ``input_size / 16`` (4×4 at 64 px, about a third of the operations) and the
+head's FC shrinks with it.
+
 Stages have 64, 128, 256, 512 channels and [2,2,2,2] (IResNet-18), [3,4,6,3] (34),
 [3,4,14,3] (50) or [3,13,30,3] (100) units.
 
@@ -38,7 +42,6 @@ DEPTHS: dict[int, tuple[int, int, int, int]] = {
     50: (3, 4, 14, 3),
     100: (3, 13, 30, 3),
 }
-_FINAL_MAP = INPUT_SIZE // 16  # four stride-2 stages: 112 → 7
 
 
 def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
@@ -70,7 +73,7 @@ class IResidualUnit(nn.Module):
 
 
 class IResNet(nn.Module):
-    """IResNet backbone: ``(B, 3, 112, 112)`` float → ``(B, embedding_size)``.
+    """IResNet backbone: ``(B, 3, S, S)`` float → ``(B, embedding_size)``, ``S = input_size``.
 
     Input: RGB faces aligned to the ArcFace template, normalised as the training recipe
     chooses (commonly ``(x/255 − 0.5)/0.5``). The embedding is not L2-normalised: losses
@@ -83,6 +86,8 @@ class IResNet(nn.Module):
             small sets such as CASIA-WebFace).
         zero_init_residual: start every unit's last BN scale at 0, so each unit begins as
             its shortcut (Goyal et al. 2017) — steadier early training of deep models.
+        input_size: side of the square input, a multiple of 16 and at least 32 (112, the
+            paper's, by default); four stride-2 stages leave an ``input_size / 16`` map.
     """
 
     def __init__(
@@ -91,8 +96,13 @@ class IResNet(nn.Module):
         embedding_size: int = 512,
         dropout: float = 0.0,
         zero_init_residual: bool = False,
+        input_size: int = INPUT_SIZE,
     ) -> None:
         super().__init__()
+        if isinstance(input_size, bool) or not isinstance(input_size, int):
+            raise ValueError(f"input_size must be an int, got {input_size!r}")
+        if input_size < 32 or input_size % 16:
+            raise ValueError(f"input_size must be a multiple of 16 and >= 32, got {input_size}")
         if len(depths) != 4 or any(d < 1 for d in depths):
             raise ValueError(f"depths must be four positive unit counts, got {depths}")
         if embedding_size < 1:
@@ -100,6 +110,8 @@ class IResNet(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         self.embedding_size = embedding_size
+        self.input_size = input_size
+        final_map = input_size // 16
         self.stem = nn.Sequential(
             _conv3x3(3, STAGE_CHANNELS[0]), nn.BatchNorm2d(STAGE_CHANNELS[0]), nn.PReLU(64)
         )
@@ -116,7 +128,7 @@ class IResNet(nn.Module):
             nn.BatchNorm2d(last),
             nn.Dropout(dropout),
             nn.Flatten(),
-            nn.Linear(last * _FINAL_MAP * _FINAL_MAP, embedding_size),
+            nn.Linear(last * final_map * final_map, embedding_size),
             nn.BatchNorm1d(embedding_size),
         )
         self._init_weights(zero_init_residual)
@@ -136,38 +148,51 @@ class IResNet(nn.Module):
                     nn.init.zeros_(m.bn3.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(B, 3, 112, 112)`` → ``(B, embedding_size)``; ``ValueError`` on other shapes."""
-        check_face_batch(x)
+        """``(B, 3, S, S)`` → ``(B, embedding_size)`` with ``S = input_size``; ``ValueError``
+        on other shapes."""
+        check_face_batch(x, self.input_size)
         return self.head(self.stages(self.stem(x)))
 
 
 @register_model("iresnet18")
 def iresnet18(
-    embedding_size: int = 512, dropout: float = 0.0, zero_init_residual: bool = False
+    embedding_size: int = 512,
+    dropout: float = 0.0,
+    zero_init_residual: bool = False,
+    input_size: int = INPUT_SIZE,
 ) -> IResNet:
     """IResNet-18: units per stage (2, 2, 2, 2); 24,025,600 parameters with a 512-d embedding."""
-    return IResNet(DEPTHS[18], embedding_size, dropout, zero_init_residual)
+    return IResNet(DEPTHS[18], embedding_size, dropout, zero_init_residual, input_size)
 
 
 @register_model("iresnet34")
 def iresnet34(
-    embedding_size: int = 512, dropout: float = 0.0, zero_init_residual: bool = False
+    embedding_size: int = 512,
+    dropout: float = 0.0,
+    zero_init_residual: bool = False,
+    input_size: int = INPUT_SIZE,
 ) -> IResNet:
     """IResNet-34: units per stage (3, 4, 6, 3); 34,139,328 parameters with a 512-d embedding."""
-    return IResNet(DEPTHS[34], embedding_size, dropout, zero_init_residual)
+    return IResNet(DEPTHS[34], embedding_size, dropout, zero_init_residual, input_size)
 
 
 @register_model("iresnet50")
 def iresnet50(
-    embedding_size: int = 512, dropout: float = 0.0, zero_init_residual: bool = False
+    embedding_size: int = 512,
+    dropout: float = 0.0,
+    zero_init_residual: bool = False,
+    input_size: int = INPUT_SIZE,
 ) -> IResNet:
     """IResNet-50: units per stage (3, 4, 14, 3); 43,590,848 parameters with a 512-d embedding."""
-    return IResNet(DEPTHS[50], embedding_size, dropout, zero_init_residual)
+    return IResNet(DEPTHS[50], embedding_size, dropout, zero_init_residual, input_size)
 
 
 @register_model("iresnet100")
 def iresnet100(
-    embedding_size: int = 512, dropout: float = 0.0, zero_init_residual: bool = False
+    embedding_size: int = 512,
+    dropout: float = 0.0,
+    zero_init_residual: bool = False,
+    input_size: int = INPUT_SIZE,
 ) -> IResNet:
     """IResNet-100: units per stage (3, 13, 30, 3); 65,156,160 parameters with a 512-d embedding."""
-    return IResNet(DEPTHS[100], embedding_size, dropout, zero_init_residual)
+    return IResNet(DEPTHS[100], embedding_size, dropout, zero_init_residual, input_size)

@@ -73,9 +73,9 @@ INPUT_SIZE = 112
 def check_face_batch(x: Tensor, size: int = INPUT_SIZE) -> None:
     """Raise ``ValueError`` unless ``x`` is a float ``(B, 3, size, size)`` batch.
 
-    The backbones end in a layer sized for a 7×7 final map (IResNet's fully connected
-    layer, MobileFaceNet's 7×7 global depthwise convolution), so other sizes cannot work:
-    resize or align faces to 112×112 first.
+    The backbones end in a layer sized for the final map of the input side they were built
+    for (IResNet's fully connected layer, MobileFaceNet's global depthwise convolution: 7×7
+    at 112 px), so other sizes cannot work: resize or align the faces to that side first.
     """
     if not isinstance(x, Tensor):
         raise ValueError(f"input must be a torch.Tensor, got {type(x).__name__}")

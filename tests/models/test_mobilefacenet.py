@@ -161,7 +161,7 @@ def test_gem_pool_replaces_the_gdc_and_feeds_the_embedding_its_generalised_mean(
     assert out.shape == (2, 128)
     feature_map = seen["map"].double()  # (2, 512, 7, 7), PReLU output: some negatives
     assert (feature_map < 0).any()
-    p = float(gem.gem.p)
+    p = float(gem.gem.p.detach())
     want = feature_map.clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1 / p)
     torch.testing.assert_close(seen["pooled"][:, :, 0, 0].double(), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="pool must be one of"):

@@ -71,7 +71,7 @@ def test_the_exponent_is_learnt_or_fixed():
     x = torch.rand(4, 8, 3, 3) + 0.1
     learnt(x).sum().backward()
     opt.step()
-    assert not math.isclose(float(learnt.p), 3.0)
+    assert not math.isclose(float(learnt.p.detach()), 3.0)
     fixed = GeM(p=3.0, learn_p=False)
     assert list(fixed.parameters()) == []
     assert set(fixed.state_dict()) == {"p"}  # a buffer: saved with the checkpoint

@@ -49,6 +49,7 @@ POOLS = ("gdc", "gem")
 """How the final 512-channel map becomes one vector: the paper's global depthwise
 convolution, or generalised-mean pooling."""
 
+
 def _conv_bn(
     in_ch: int,
     out_ch: int,

@@ -47,4 +47,4 @@ class GeM(nn.Module):
         return x.clamp(min=self.eps).pow(p).mean(dim=(2, 3), keepdim=True).pow(1.0 / p)
 
     def extra_repr(self) -> str:
-        return f"p={float(self.p):.4g}, eps={self.eps}"
+        return f"p={float(self.p.detach()):.4g}, eps={self.eps}"

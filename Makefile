@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 FACEMETRIC_DATA ?= $(abspath ../shared/data)
 export FACEMETRIC_DATA
 
-.PHONY: venv postgres test lint demo bench clean
+.PHONY: venv postgres compiler test lint demo bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,7 +32,17 @@ postgres:
 			"Without them the PostgreSQL gallery tests skip (fail under FACEMETRIC_REQUIRE_DATA=1)" >&2; \
 	fi
 
-test: $(STAMP) postgres
+# A C++ compiler for torch.compile's CPU kernels ([train] compile, tests/training/test_compile.py).
+compiler:
+	@if command -v g++ >/dev/null 2>&1; then \
+		:; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y g++; \
+	else \
+		echo "g++ is missing: apt-get install g++ as root; [train] compile needs it on CPU" >&2; \
+	fi
+
+test: $(STAMP) postgres compiler
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q
 

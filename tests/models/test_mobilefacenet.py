@@ -113,6 +113,9 @@ def test_smaller_input_size_shrinks_only_the_global_depthwise_conv():
         small(torch.randn(1, 3, 112, 112))
     with pytest.raises(ValueError, match="multiple of 16"):
         build_model("mobilefacenet", input_size=100)
+    for wrong in (64.0, "64", True):  # a TOML float or string is refused at once, by name
+        with pytest.raises(ValueError, match="input_size must be an int"):
+            build_model("mobilefacenet", input_size=wrong)
 
 
 def test_dropout_acts_in_training_only_and_keeps_the_checkpoint_keys():

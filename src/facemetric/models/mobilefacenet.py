@@ -120,6 +120,8 @@ class MobileFaceNet(nn.Module):
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         if embedding_size < 1:
             raise ValueError(f"embedding_size must be positive, got {embedding_size}")
+        if isinstance(input_size, bool) or not isinstance(input_size, int):
+            raise ValueError(f"input_size must be an int, got {input_size!r}")
         if input_size < 32 or input_size % 16:
             raise ValueError(f"input_size must be a multiple of 16 and >= 32, got {input_size}")
         self.embedding_size = embedding_size

@@ -110,7 +110,7 @@ LOG_FIELDS = ("step", "epoch", "loss", "lr", "images_per_s", "wall_s", "loss_ter
 _RESUME_FREE_KEYS = {
     "train.epochs", "train.max_steps", "train.log_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.device", "data.num_workers", "output_dir",
-    "train.max_skipped_steps", "distill.workers", "distill.chunk",
+    "train.max_skipped_steps", "train.compile", "distill.workers", "distill.chunk",
 }
 
 
@@ -669,6 +669,8 @@ def train(
     )
     params = [p for g in optimizer.param_groups for p in g["params"]]
     net = ctx.wrap_model(model)
+    if config.train.compile:
+        net = torch.compile(net)  # compiles at the first step; ``model`` stays the plain module
     loss_fn = ctx.wrap_loss(loss)
 
     # ---- resume

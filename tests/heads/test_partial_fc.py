@@ -16,6 +16,7 @@ from facemetric.losses.classifier import (
     AdaCosLoss,
     ArcFaceLoss,
     CosFaceLoss,
+    DynamicMarginArcFaceLoss,
     SphereFaceLoss,
     SubCenterArcFaceLoss,
 )
@@ -104,6 +105,25 @@ def test_sampled_loss_matches_loop_reference(margin: Margin, psi) -> None:
     assert torch.equal(rows, rows.sort().values)
     expected = _reference(x, pfc.weight.detach(), y, rows, margin, 12.0, psi)
     assert value.item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_dynamic_margins_follow_the_global_class_ids_through_sampling() -> None:
+    # class c has c + 1 images: margins 0.6·(c + 1)^(-1/2) + 0.05, from 0.65 down to ~0.14
+    counts = torch.arange(1, N + 1)
+    full = DynamicMarginArcFaceLoss(N, D, counts, a=0.6, b=0.05, lam=0.5, scale=12.0)
+    pfc = PartialFC.from_loss(full, 0.25, seed=5).double()
+    x, y = _batch(4)
+    value = pfc(x, y)
+    rows = pfc.last_sampled
+    assert rows is not None and rows.numel() < N
+    w = pfc.weight.detach()
+    # the reference: each sample's own softmax over the sampled rows, with its class's margin
+    per_sample = [
+        _reference(x[b : b + 1], w, y[b : b + 1], rows, ArcMargin(0.0), 12.0,
+                   _arc(0.6 * (int(y[b]) + 1) ** -0.5 + 0.05))
+        for b in range(B)
+    ]
+    assert value.item() == pytest.approx(sum(per_sample) / B, rel=1e-10)
 
 
 def test_gradients_only_reach_sampled_rows() -> None:

@@ -88,6 +88,7 @@ from facemetric.training.builders import (
     add_aux_losses,
     build_loss,
     build_model,
+    class_counts_of,
     pair_loss_names,
 )
 from facemetric.training.checkpoint import checkpoint_path, list_checkpoints
@@ -436,8 +437,11 @@ def _run_one(
     # a wall-time stop. (Resuming, train() loads the checkpoint into them.)
     seed_everything(config.seed)
     model = build_model(config.model)
-    loss = add_aux_losses(build_loss(config.loss, num_classes, config.model.embedding_size),
-                          config.aux_loss, num_classes, config.model.embedding_size)
+    counts = class_counts_of(dataset.targets, num_classes)
+    loss = add_aux_losses(
+        build_loss(config.loss, num_classes, config.model.embedding_size, counts),
+        config.aux_loss, num_classes, config.model.embedding_size, counts,
+    )
     device = DistributedContext().device(config.train.device)
     # With [train] ema_decay the run is judged by its average of the weights (what its
     # checkpoints hold as "model"), copied into a model of its own before each evaluation.

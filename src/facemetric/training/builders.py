@@ -10,7 +10,9 @@ dropping ``_``/``-`` and the class's ``Loss``/``Miner``/``Distance`` suffix:
 
 A loss whose constructor takes ``num_classes`` is a *classifier* loss (it owns ``.weight``,
 the class centres): it receives ``num_classes`` and ``embedding_size`` and trains on
-shuffled batches. Any other loss is a *pair* loss and needs P×K batches.
+shuffled batches. Any other loss is a *pair* loss and needs P×K batches. A loss whose
+constructor takes ``class_counts`` (the dynamic-margin ArcFace) receives the training set's
+images per class as well: like the class count, it is a fact of the data, not a setting.
 """
 
 from __future__ import annotations
@@ -201,17 +203,25 @@ def pair_loss_names(configs: Iterable[LossConfig]) -> list[str]:
     return [c.name for c in configs if not is_classifier_loss(c)]
 
 
-def build_loss(config: LossConfig, num_classes: int, embedding_size: int) -> nn.Module:
+def build_loss(
+    config: LossConfig,
+    num_classes: int,
+    embedding_size: int,
+    class_counts: torch.Tensor | None = None,
+) -> nn.Module:
     """The configured loss, with its miner and distance.
 
-    Classifier losses receive ``num_classes`` and ``embedding_size``; a miner is only
-    accepted for pair losses. Parameters are checked against the constructor. Without
-    ``[loss] distance``, a loss class with a ``default_distance()`` (one whose margins have
-    fixed units, e.g. the hierarchical triplet loss) shares that distance with its miner.
+    Classifier losses receive ``num_classes`` and ``embedding_size``; a loss that takes
+    ``class_counts`` receives ``class_counts`` (``(num_classes,)``, the training images of
+    each class, from :func:`class_counts_of`); a miner is only accepted for pair losses.
+    Parameters are checked against the constructor. Without ``[loss] distance``, a loss
+    class with a ``default_distance()`` (one whose margins have fixed units, e.g. the
+    hierarchical triplet loss) shares that distance with its miner.
 
     Raises:
-        ValueError: unknown loss/miner/distance, unknown or invalid parameters, or a miner
-            given to a loss that does not take one.
+        ValueError: unknown loss/miner/distance, unknown or invalid parameters, a miner
+            given to a loss that does not take one, or a loss that needs ``class_counts``
+            built without them (or with a count per class other than ``num_classes``).
     """
     entry = loss_entry(config.name)
     what = f"loss {config.name!r} ({entry.name})"
@@ -237,9 +247,22 @@ def build_loss(config: LossConfig, num_classes: int, embedding_size: int) -> nn.
         params["num_classes"] = num_classes
         params["embedding_size"] = embedding_size
         reserved = ("num_classes", "embedding_size")
-        clash = sorted(set(config.params) & set(reserved))
-        if clash:
-            raise ValueError(f"{what}: {clash} are set from the data and the model, not [loss]")
+    if _takes(entry.factory, "class_counts"):
+        if class_counts is None:
+            raise ValueError(
+                f"{what} needs the training set's images per class (class_counts); build it "
+                "through train() or compare, or pass class_counts to build_loss"
+            )
+        if tuple(class_counts.shape) != (num_classes,):
+            raise ValueError(
+                f"{what}: class_counts has shape {tuple(class_counts.shape)}, expected "
+                f"({num_classes},) — one count per class"
+            )
+        params["class_counts"] = class_counts
+        reserved = (*reserved, "class_counts")
+    clash = sorted(set(config.params) & set(reserved))
+    if clash:
+        raise ValueError(f"{what}: {clash} are set from the data and the model, not [loss]")
     loss = _call_checked(entry.factory, params, what, reserved)
     if not isinstance(loss, nn.Module):
         raise ValueError(f"{what}: the factory returned {type(loss).__name__}, not a Module")
@@ -260,18 +283,23 @@ def build_loss(config: LossConfig, num_classes: int, embedding_size: int) -> nn.
 
 
 def add_aux_losses(
-    loss: nn.Module, aux: Sequence[AuxLossConfig], num_classes: int, embedding_size: int
+    loss: nn.Module,
+    aux: Sequence[AuxLossConfig],
+    num_classes: int,
+    embedding_size: int,
+    class_counts: torch.Tensor | None = None,
 ) -> nn.Module:
     """``loss`` alone when ``aux`` is empty, else ``1·loss + Σ w_i·aux_i``
     (:class:`~facemetric.losses.combined.WeightedLossSum`), each ``[[aux_loss]]`` built as
     :func:`build_loss` builds ``[loss]`` (a classifier term gets centres for
-    ``num_classes``)."""
+    ``num_classes``, a dynamic-margin term ``class_counts``)."""
     if not aux:
         return loss
     terms = [(1.0, loss)]
     for i, section in enumerate(aux, 1):
         try:
-            terms.append((section.weight, build_loss(section, num_classes, embedding_size)))
+            terms.append((section.weight, build_loss(section, num_classes, embedding_size,
+                                                     class_counts)))
         except ValueError as err:
             raise ValueError(f"[[aux_loss]] {i}: {err}") from err
     return WeightedLossSum(terms)
@@ -306,8 +334,28 @@ def build_partial_fc(
 
 
 def check_loss_config(config: LossConfig, embedding_size: int) -> None:
-    """Build the loss once on a dummy problem (2 classes) to validate names and params."""
-    build_loss(config, num_classes=2, embedding_size=embedding_size)
+    """Build the loss once on a dummy problem (2 classes of one image) to validate names and
+    params."""
+    build_loss(config, num_classes=2, embedding_size=embedding_size,
+               class_counts=torch.ones(2, dtype=torch.int64))
+
+
+def class_counts_of(labels: Sequence[int] | Any, num_classes: int) -> torch.Tensor:
+    """Images per class, ``(num_classes,)`` int64, from a training set's labels.
+
+    A class without an image counts as 1: it never appears as a target, so its margin is
+    never used, and the dynamic margin ``a·n^(-λ) + b`` needs ``n ≥ 1``.
+
+    Raises:
+        ValueError: a label outside ``[0, num_classes)``.
+    """
+    targets = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
+        raise ValueError(
+            f"class_counts_of: labels must lie in [0, {num_classes}), got "
+            f"[{int(targets.min())}, {int(targets.max())}]"
+        )
+    return torch.bincount(targets, minlength=num_classes).clamp_(min=1)
 
 
 def build_model(config: ModelConfig) -> nn.Module:

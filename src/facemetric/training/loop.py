@@ -85,6 +85,7 @@ from facemetric.training.builders import (
     build_optimizer,
     build_partial_fc,
     build_scheduler,
+    class_counts_of,
     is_classifier_loss,
     pair_loss_names,
 )
@@ -630,7 +631,8 @@ def train(
     if model is None:
         model = build_model(config.model)
     if loss is None:
-        loss = build_loss(config.loss, num_classes, config.model.embedding_size)
+        counts = class_counts_of(labels, num_classes)
+        loss = build_loss(config.loss, num_classes, config.model.embedding_size, counts)
         if config.partial_fc.sample_rate is not None:
             if not classifier:
                 raise ValueError(
@@ -642,7 +644,8 @@ def train(
             loss = build_partial_fc(loss, config.partial_fc.sample_rate, rank=ctx.rank,
                                     world_size=ctx.world_size, seed=config.seed,
                                     sparse_grad=sparse)
-        loss = add_aux_losses(loss, config.aux_loss, num_classes, config.model.embedding_size)
+        loss = add_aux_losses(loss, config.aux_loss, num_classes, config.model.embedding_size,
+                              counts)
         if config.distill.enabled:
             from facemetric.training.distill import build_objective
 

@@ -15,6 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "facemetric"
 USERS = [
     "facemetric.evaluation",
     "facemetric.evaluation.run",
+    "facemetric.evaluation.heldout",
     "facemetric.inference",
     "facemetric.recognizer",
     "facemetric.gallery",

@@ -125,6 +125,17 @@ def _cmd_compare_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare_plot(args: argparse.Namespace) -> int:
+    from facemetric.experiments.compare import plot_convergence, recorded_run
+
+    if args.names is not None and len(args.names) != len(args.runs):
+        raise SystemExit(f"--names gives {len(args.names)} names for {len(args.runs)} runs")
+    names = args.names or [None] * len(args.runs)
+    runs = [recorded_run(Path(r), n) for r, n in zip(args.runs, names, strict=True)]
+    print(plot_convergence(runs, Path(args.out), args.title))
+    return 0
+
+
 def _cmd_visualize(args: argparse.Namespace) -> int:
     from facemetric.evaluation.run import visualize_folder
 
@@ -142,6 +153,26 @@ def _cmd_visualize(args: argparse.Namespace) -> int:
         for failure in failures:
             print(f"    {failure.path}: {failure.reason}")
     return 1 if failures else 0
+
+
+def _cmd_heldout_pairs(args: argparse.Namespace) -> int:
+    from facemetric.evaluation.heldout import heldout_pairs
+
+    written = heldout_pairs(Path(args.data), Path(args.people), Path(args.out),
+                            below=args.below, folds=args.folds, per_fold=args.per_fold,
+                            seed=args.seed)
+    print(written.summary())
+    return 0
+
+
+def _cmd_select_checkpoint(args: argparse.Namespace) -> int:
+    from facemetric.evaluation.heldout import select_checkpoint
+
+    chosen = select_checkpoint(Path(args.run), Path(args.pairs), Path(args.data),
+                               out_dir=None if args.out is None else Path(args.out),
+                               flip=not args.no_flip, device=args.device, every=args.every)
+    print(chosen.summary())
+    return 0
 
 
 def _add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
@@ -185,6 +216,32 @@ def _add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
                      help="steps between checkpoints; rerun the same command to resume")
     cmp.set_defaults(func=_cmd_compare)
 
+    hop = sub.add_parser("heldout-pairs", help="validation pairs over the training split's "
+                         "identities a min_images run leaves out")
+    hop.add_argument("--data", required=True, help="aligned images, LFW layout")
+    hop.add_argument("--people", required=True, help="the training people file "
+                     "(peopleDevTrain.txt)")
+    hop.add_argument("--below", type=int, required=True,
+                     help="the run's [data] min_images: identities with fewer images are used")
+    hop.add_argument("--out", required=True, help="pairs file to write (LFW View 2 format)")
+    hop.add_argument("--folds", type=int, default=10, help="identity-disjoint folds")
+    hop.add_argument("--per-fold", type=int,
+                     help="matched (= mismatched) pairs per fold (default: all a fold allows)")
+    hop.add_argument("--seed", type=int, default=0)
+    hop.set_defaults(func=_cmd_heldout_pairs)
+
+    sel = sub.add_parser("select-checkpoint", help="score every checkpoint of a run on "
+                         "held-out pairs and choose the best")
+    sel.add_argument("run", help="a training run folder (checkpoint_*.pt, config.json)")
+    sel.add_argument("--pairs", required=True, help="held-out pairs (facemetric heldout-pairs)")
+    sel.add_argument("--data", required=True, help="aligned images the pairs name")
+    sel.add_argument("--out", help="where selection.md/.json go (default: the run folder)")
+    sel.add_argument("--no-flip", action="store_true", help="no flip test")
+    sel.add_argument("--every", type=int, help="only the checkpoints of steps divisible by N "
+                     "(and the last)")
+    sel.add_argument("--device", default="cpu")
+    sel.set_defaults(func=_cmd_select_checkpoint)
+
     cms = sub.add_parser("compare-summary",
                          help="mean ± std over seeds of a finished `compare --seeds` folder")
     cms.add_argument("out", help="the --out folder of `facemetric compare --seeds`")
@@ -193,6 +250,14 @@ def _add_evaluation_commands(sub: argparse._SubParsersAction) -> None:
     cms.add_argument("--reference", help="run the paired differences are taken against")
     cms.add_argument("--name", default="seeds", help="file stem of the .md/.png/.json")
     cms.set_defaults(func=_cmd_compare_summary)
+
+    cpl = sub.add_parser("compare-plot", help="one convergence plot over runs of different "
+                         "compare invocations")
+    cpl.add_argument("runs", nargs="+", help="run folders OUT/<config name>/ of compare")
+    cpl.add_argument("--out", required=True, help="PNG to write")
+    cpl.add_argument("--names", nargs="+", help="legend names, one per run (default: folders)")
+    cpl.add_argument("--title", default="Convergence")
+    cpl.set_defaults(func=_cmd_compare_plot)
 
     vis = sub.add_parser("visualize", help="2-D map of a folder's embeddings")
     vis.add_argument("--model", required=True, help="checkpoint_*.pt or a run folder")

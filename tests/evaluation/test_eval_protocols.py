@@ -234,3 +234,18 @@ def test_bin_structure_errors(tmp_path: Path):
         load_verification_bin(write(tmp_path, ([b"x"] * 20, [0.5] * 10), 4))
     with pytest.raises(ValueError, match="pickled"):
         load_verification_bin(write(tmp_path, {"images": []}, 4))
+
+
+def test_with_existing_images_finds_the_aligned_copy_under_another_suffix(tmp_path):
+    from facemetric.evaluation import with_existing_images
+
+    (tmp_path / "Ann").mkdir()
+    (tmp_path / "Ann" / "Ann_0001.png").write_bytes(b"png")  # aligned as PNG
+    (tmp_path / "Ann" / "Ann_0002.jpg").write_bytes(b"jpg")  # kept as named
+    (tmp_path / "pairs.txt").write_text("1\nAnn\t1\t2\nAnn\t1\tBob\t1\n")
+    pairs = with_existing_images(read_lfw_pairs(tmp_path / "pairs.txt", tmp_path, 1))
+    assert pairs.path_a == (tmp_path / "Ann" / "Ann_0001.png",) * 2
+    assert pairs.path_b == (tmp_path / "Ann" / "Ann_0002.jpg",
+                            tmp_path / "Bob" / "Bob_0001.jpg")  # missing: left as named
+    assert pairs.is_same.tolist() == [True, False] and pairs.missing_images() == [
+        tmp_path / "Bob" / "Bob_0001.jpg"]

@@ -421,3 +421,35 @@ def test_compare_judges_a_run_by_its_average_of_the_weights(setup, tmp_path):
     torch.save({**state, "model": state["model_raw"]}, raw_file)
     raw = embed_pairs(load_model(raw_file), pairs, progress=False).scores()
     assert np.abs(raw - averaged).max() > 1e-4  # the two really differ
+
+
+def test_runs_of_separate_compares_plot_together_from_their_records(setup, tmp_path):
+    from facemetric.cli import main
+    from facemetric.experiments.compare import recorded_run
+
+    tmp = setup["tmp"]
+    common = {"budget_steps": 4, "eval_every": 2, "eval_pairs": tmp / "pairs.txt",
+              "eval_root": tmp / "held", "eval_folds": 2, "seed": 7, "progress": False}
+    first = compare([setup["cosface"]], out_dir=tmp_path / "one", **common).runs[0]
+    second = compare([setup["triplet"]], out_dir=tmp_path / "two", **common).runs[0]
+    for run, folder in ((first, tmp_path / "one" / "cosface"),
+                        (second, tmp_path / "two" / "triplet")):
+        got = recorded_run(folder)
+        assert (got.name, got.loss_name, got.steps) == (run.name, run.loss_name, 4)
+        assert got.losses == run.losses and got.step_wall == run.step_wall  # exact round trip
+        assert got.eval_steps == run.eval_steps == [0, 2, 4]
+        assert got.eval_accuracy == run.eval_accuracy
+        assert got.stopped_by == "steps" and got.images_per_second == run.images_per_second
+    assert recorded_run(tmp_path / "one" / "cosface", "renamed").name == "renamed"
+
+    png = tmp_path / "both.png"
+    assert main(["compare-plot", str(tmp_path / "one" / "cosface"),
+                 str(tmp_path / "two" / "triplet"), "--out", str(png),
+                 "--names", "a", "b", "--title", "two compares"]) == 0
+    with Image.open(png) as im:
+        assert im.size[0] > im.size[1] > 400
+    with pytest.raises(FileNotFoundError, match="not the compare's own --out folder"):
+        recorded_run(tmp_path / "one")
+    with pytest.raises(SystemExit, match="1 names for 2 runs"):
+        main(["compare-plot", str(tmp_path / "one" / "cosface"),
+              str(tmp_path / "two" / "triplet"), "--out", str(png), "--names", "a"])

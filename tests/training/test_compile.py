@@ -21,6 +21,11 @@ from facemetric.training import StepInfo, config_from_dict, load_checkpoint, tra
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_loop import _config, _make_folder  # the loop tests' synthetic faces and config
 
+#: torch 2.13 warns about a ``torch.jit.script_method`` of its own while it compiles (raised
+#: inside torch; nothing in facemetric calls torch.jit)
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
 
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory) -> Path:

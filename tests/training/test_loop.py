@@ -618,6 +618,20 @@ def test_a_caller_s_stop_checkpoints_that_step_and_resumes_exactly(faces, tmp_pa
     assert again.steps == 4 and again.checkpoint.name == "checkpoint_000000004.pt"
     assert written == [4]
     monkeypatch.undo()
+    # log.csv (log_every = 4 here) gets a row for the stop step, over steps 5-6
+    stop_cfg = _config(faces, tmp_path / "stop_log", "test_normsoftmax", max_steps=n,
+                       checkpoint_every=4, log_every=4)
+    stop_log = train(stop_cfg, progress=False, on_step=lambda info: info.step == 6)
+    rows = _rows(tmp_path / "stop_log" / "log.csv")
+    assert [int(r["step"]) for r in rows] == [4, 6]
+    assert float(rows[1]["loss"]) == pytest.approx(np.mean(stop_log.losses[4:6]), rel=1e-5)
+    assert float(rows[0]["loss"]) == pytest.approx(np.mean(stop_log.losses[0:4]), rel=1e-5)
+    # ... and a resumed run's next row covers the steps after it (7-8), then 9
+    resumed_log = train(stop_cfg, resume=True, progress=False)
+    rows = _rows(tmp_path / "stop_log" / "log.csv")
+    assert [int(r["step"]) for r in rows] == [4, 6, 8, 9]
+    assert float(rows[2]["loss"]) == pytest.approx(np.mean(resumed_log.losses[6:8]), rel=1e-5)
+    assert float(rows[3]["loss"]) == pytest.approx(resumed_log.losses[8], rel=1e-5)
     resumed = train(_config(faces, tmp_path / "stopped", "test_normsoftmax", max_steps=n,
                             checkpoint_every=4), resume=True, progress=False)
     assert resumed.resumed_from == 6 and resumed.steps == n

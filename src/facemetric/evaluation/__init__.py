@@ -41,6 +41,7 @@ from facemetric.evaluation.protocols import (
     load_verification_bin,
     read_cfp_pairs,
     read_lfw_pairs,
+    with_existing_images,
 )
 from facemetric.evaluation.report import ReportFiles, comparison_table, write_verification_report
 from facemetric.evaluation.retrieval import (
@@ -114,5 +115,6 @@ __all__ = [
     "tar_at_far",
     "threshold_clustering",
     "verification_report",
+    "with_existing_images",
     "write_verification_report",
 ]

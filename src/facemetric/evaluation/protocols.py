@@ -91,6 +91,34 @@ def _lfw_path(root: Path, name: str, number: str, where: str) -> Path:
     return Path(os.path.join(root, name, f"{name}_{int(number):04d}.jpg"))
 
 
+#: Suffixes an aligned copy of a protocol's image may have (``facemetric align`` writes
+#: ``.jpg`` or ``.png`` whatever the source's).
+ALIGNED_SUFFIXES = (".jpg", ".png", ".jpeg")
+
+
+def existing_image(path: Path) -> Path:
+    """``path``, or the same name with another of :data:`ALIGNED_SUFFIXES` if only that
+    exists (``path`` itself when none does: loading it then reports it missing)."""
+    if path.is_file():
+        return path
+    for suffix in ALIGNED_SUFFIXES:
+        other = path.with_suffix(suffix)
+        if other != path and other.is_file():
+            return other
+    return path
+
+
+def with_existing_images(pairs: PairList) -> PairList:
+    """``pairs`` with each path replaced by :func:`existing_image` of it."""
+    mapping = {p: existing_image(p) for p in set(pairs.path_a) | set(pairs.path_b)}
+    return PairList(
+        tuple(mapping[p] for p in pairs.path_a),
+        tuple(mapping[p] for p in pairs.path_b),
+        pairs.is_same,
+        pairs.fold,
+    )
+
+
 def read_lfw_pairs(pairs_file: str | Path, image_root: str | Path, num_folds: int = 10) -> PairList:
     """Read LFW's ``pairs.txt`` (View 2) or ``pairsDevTrain/DevTest.txt`` (View 1).
 

@@ -53,6 +53,7 @@ from facemetric.evaluation.protocols import (
     load_verification_bin,
     read_cfp_pairs,
     read_lfw_pairs,
+    with_existing_images,
 )
 from facemetric.evaluation.report import ReportFiles, comparison_table, write_verification_report
 from facemetric.evaluation.verification import VerificationReport, verification_report
@@ -74,7 +75,6 @@ logger = logging.getLogger(__name__)
 MAX_GALLERY_PAIRS = 2_000_000
 #: Failed images listed by name in the report (all are counted).
 _LISTED_FAILURES = 20
-_ALIGNED_SUFFIXES = (".jpg", ".png", ".jpeg")
 
 
 @dataclass(frozen=True)
@@ -125,27 +125,6 @@ class EvalResult:
         return "\n".join(lines)
 
 
-def _existing(path: Path) -> Path:
-    """``path``, or the same name with another aligned-image suffix if only that exists."""
-    if path.is_file():
-        return path
-    for suffix in _ALIGNED_SUFFIXES:
-        other = path.with_suffix(suffix)
-        if other != path and other.is_file():
-            return other
-    return path
-
-
-def _with_existing(pairs: PairList) -> PairList:
-    mapping = {p: _existing(p) for p in set(pairs.path_a) | set(pairs.path_b)}
-    return PairList(
-        tuple(mapping[p] for p in pairs.path_a),
-        tuple(mapping[p] for p in pairs.path_b),
-        pairs.is_same,
-        pairs.fold,
-    )
-
-
 def cfp_pairs_in(cfp_root: str | os.PathLike[str], protocol: str,
                  image_root: str | os.PathLike[str]) -> PairList:
     """CFP's ``protocol`` pairs with each ``cfp_root/Data/Images/<rel>`` mapped to
@@ -192,9 +171,9 @@ def _pair_source(
         raise FileNotFoundError(f"image folder {data_root} does not exist")
     if pairs_file is not None:
         pairs = read_lfw_pairs(pairs_file, data_root, folds)
-        return f"LFW {Path(pairs_file).stem}", _with_existing(pairs)
+        return f"LFW {Path(pairs_file).stem}", with_existing_images(pairs)
     assert cfp_root is not None
-    return f"CFP-{protocol}", _with_existing(cfp_pairs_in(cfp_root, protocol, data_root))
+    return f"CFP-{protocol}", with_existing_images(cfp_pairs_in(cfp_root, protocol, data_root))
 
 
 def _gallery_pairs(

@@ -72,7 +72,7 @@ from torch.utils.data import Dataset
 
 from facemetric.atomic import atomic_write_text
 from facemetric.evaluation.plots import _new_figure, _save_figure
-from facemetric.evaluation.protocols import PairList, read_lfw_pairs
+from facemetric.evaluation.protocols import PairList, read_lfw_pairs, with_existing_images
 from facemetric.evaluation.report import (
     _accuracy_text,
     _json_safe,
@@ -81,7 +81,6 @@ from facemetric.evaluation.report import (
     _tar_text,
     comparison_table,
 )
-from facemetric.evaluation.run import _with_existing
 from facemetric.evaluation.verification import VerificationReport, verification_report
 from facemetric.inference import Encoder, ModelContract, TorchEncoder
 from facemetric.training.builders import (
@@ -241,7 +240,7 @@ def _load_held_out(
     """Decode the pairs' distinct images once (each model resizes them to its own size)."""
     from facemetric.data.images import ImageLoadError, load_image
 
-    pairs: PairList = _with_existing(read_lfw_pairs(pairs_file, root, folds))
+    pairs: PairList = with_existing_images(read_lfw_pairs(pairs_file, root, folds))
     paths, index_a, index_b = pairs.unique_images()
     images: list[np.ndarray] = []
     ok = np.ones(len(paths), dtype=bool)
@@ -548,6 +547,39 @@ def _reused(result: RunResult, record: dict[str, Any], held: _HeldOut | None) ->
     return result
 
 
+def recorded_run(run_dir: str | os.PathLike[str], name: str | None = None) -> RunResult:
+    """A run's curves as its ``compare_run.json`` holds them (finished or not), for plotting
+    runs of different ``compare`` invocations together; ``name`` defaults to the folder's.
+    ``final`` stays ``None`` (the held-out pairs are not reloaded).
+
+    Raises:
+        FileNotFoundError: no ``compare_run.json`` in ``run_dir``.
+        ValueError: a record that cannot be read or is of another version.
+    """
+    folder = Path(run_dir)
+    record = _read_record(folder / RECORD_FILE)
+    if record is None:
+        raise FileNotFoundError(
+            f"{folder / RECORD_FILE} missing: pass the folder of one run of a compare "
+            f"(OUT/<config name>/), not the compare's own --out folder"
+        )
+    config = record["settings"].get("config", {})
+    result = RunResult(
+        name or folder.name, folder, folder, str(config.get("loss", {}).get("name", "?")),
+        int(record["step"]), [float(v) for v in record["losses"]],
+        [float(v) for v in record["step_wall"]],
+        eval_steps=[int(v) for v in record["eval_steps"]],
+        eval_wall=[float(v) for v in record["eval_wall"]],
+        eval_accuracy=[float(v) for v in record["eval_accuracy"]],
+        eval_seconds=float(record["eval_seconds"]),
+    )
+    if record["status"] == "finished":
+        result.stopped_by = str(record["stopped_by"])
+        result.wall_seconds = float(record["wall_seconds"])
+        result.images_per_second = float(record["images_per_second"])
+    return result
+
+
 def smooth_losses(values: np.ndarray) -> np.ndarray:
     """A trailing running mean over 2% of the steps (at least 1)."""
     window = max(1, values.shape[0] // 50)
@@ -776,5 +808,6 @@ __all__ = [
     "compare",
     "finish_convergence_panels",
     "plot_convergence",
+    "recorded_run",
     "smooth_losses",
 ]

@@ -6,7 +6,8 @@ runs ``max_steps`` optimiser steps (or ``epochs`` epochs) and writes to ``output
 - ``checkpoint_<step>.pt`` every ``checkpoint_every`` steps and at the end (atomic, the
   newest ``keep_checkpoints`` kept; see :mod:`facemetric.training.checkpoint`);
 - ``log.csv``: ``step, epoch, loss, lr, images_per_s, wall_s, loss_terms`` every
-  ``log_every`` steps (``loss`` is the mean over the steps since the previous row;
+  ``log_every`` steps, and at the step where an ``on_step`` stop ends the run (``loss`` is
+  the mean over the steps since the previous row;
   ``loss_terms``, for an objective of several parts — ``[[aux_loss]]``, ``[distill]`` — each
   part's unweighted mean over the same steps on this process, ``name=value; ...``, else
   empty);
@@ -455,6 +456,8 @@ class _CsvLog:
             with path.open(newline="") as handle:
                 rows = list(csv.reader(handle))
             kept = [r for r in rows[1:] if r and int(r[0]) <= resume_step]
+        #: the step of the newest row (0: none); the next row starts after it
+        self.last_step = max((int(r[0]) for r in kept), default=0)
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\n")
         writer.writerow(LOG_FIELDS)
@@ -464,6 +467,7 @@ class _CsvLog:
     def write(self, row: Sequence[Any]) -> None:
         with self.path.open("a", newline="") as handle:
             csv.writer(handle, lineterminator="\n").writerow(row)
+        self.last_step = int(row[0])
 
 
 def plot_loss_curve(losses: Sequence[float], path: Path, title: str = "training loss") -> Path:
@@ -790,6 +794,27 @@ def train(
     window_steps = 0
     window_terms: dict[str, list[float]] = {}  # the objective's parts (its ``last``), per step
     run_images = 0
+    step_epoch, lr = epoch, 0.0
+
+    def log_row() -> None:
+        """A ``log.csv`` row for the steps since the previous row: after the last multiple
+        of ``log_every`` before this step, or after an earlier stop's off-grid row (a run
+        resumed from a caller's stop starts its first row after that stop's)."""
+        nonlocal window_start, window_steps, window_terms
+        now = time.perf_counter()
+        rate = window_steps * batch_images / max(now - window_start, 1e-9)
+        first = (step - 1) // config.train.log_every * config.train.log_every
+        if log is not None:
+            first = max(first, log.last_step)
+        mean = float(np.mean(history[first:step]))
+        bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.3g}")
+        if log is not None:
+            wall = elapsed_before + now - started
+            terms = "; ".join(f"{k}={np.mean(v):.6g}" for k, v in window_terms.items())
+            log.write([step, step_epoch, f"{mean:.6g}", f"{lr:.6g}", f"{rate:.1f}",
+                       f"{wall:.2f}", terms])
+        window_start, window_steps, window_terms = now, 0, {}
+
     try:
         while step < total_steps and not stopped_early:
             sampler.set_epoch(epoch)
@@ -873,23 +898,15 @@ def train(
                     window_start += refresher.refresh(ctx.unwrap_model(model), step)
                     restart = True  # batches the workers drew ahead used the old table
                 if step % config.train.log_every == 0 or step == total_steps:
-                    now = time.perf_counter()
-                    rate = window_steps * batch_images / max(now - window_start, 1e-9)
-                    first = (step - 1) // config.train.log_every * config.train.log_every
-                    mean = float(np.mean(history[first:step]))
-                    bar.set_postfix(loss=f"{mean:.4f}", img_s=f"{rate:.0f}", lr=f"{lr:.3g}")
-                    if log is not None:
-                        wall = elapsed_before + now - started
-                        terms = "; ".join(f"{k}={np.mean(v):.6g}" for k, v in window_terms.items())
-                        log.write([step, step_epoch, f"{mean:.6g}", f"{lr:.6g}",
-                                   f"{rate:.1f}", f"{wall:.2f}", terms])
-                    window_start, window_steps, window_terms = now, 0, {}
+                    log_row()
                 if step % config.train.checkpoint_every == 0 or step == total_steps:
                     write_checkpoint()
                 if on_step is not None and on_step(
                     StepInfo(step, step_epoch, batch_in_epoch, history[-1], lr)
                 ) is True:
                     stopped_early = True  # the caller's budget: end here as at the last step
+                    if log is not None and log.last_step != step:  # a row for the stop
+                        log_row()
                     if saved_step != step:
                         write_checkpoint()
                 if step >= total_steps or restart or stopped_early:

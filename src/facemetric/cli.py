@@ -166,12 +166,28 @@ def _cmd_heldout_pairs(args: argparse.Namespace) -> int:
 
 
 def _cmd_select_checkpoint(args: argparse.Namespace) -> int:
-    from facemetric.evaluation.heldout import select_checkpoint
+    from facemetric.evaluation.heldout import plot_selection, select_checkpoint
 
     chosen = select_checkpoint(Path(args.run), Path(args.pairs), Path(args.data),
                                out_dir=None if args.out is None else Path(args.out),
                                flip=not args.no_flip, device=args.device, every=args.every)
     print(chosen.summary())
+    monitor = {}
+    if (Path(args.run) / "compare_run.json").is_file():  # a run of `facemetric compare`
+        from facemetric.experiments.compare import recorded_run
+
+        watched = recorded_run(Path(args.run))
+        kept = [(s, a) for s, a in zip(watched.eval_steps, watched.eval_accuracy,
+                                         strict=True) if s > 0]  # not the untrained net
+        if kept:
+            monitor["the pairs compare watched (no flip): see, not choose by"] = (
+                [s for s, _ in kept], [a for _, a in kept])
+    try:
+        png = plot_selection(chosen, chosen.markdown.with_suffix(".png"), monitor=monitor)
+    except ImportError as err:
+        print(f"no plot: {err}")
+    else:
+        print(f"plot: {png}")
     return 0
 
 

@@ -17,7 +17,15 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from facemetric.evaluation.heldout import heldout_pairs, select_checkpoint, trained_identities
+from facemetric.evaluation import plots
+from facemetric.evaluation.heldout import (
+    CheckpointScore,
+    Selection,
+    heldout_pairs,
+    plot_selection,
+    select_checkpoint,
+    trained_identities,
+)
 from facemetric.evaluation.protocols import read_lfw_pairs
 from facemetric.inference.load import load_model
 from facemetric.training import config_from_dict, train
@@ -174,6 +182,8 @@ def test_select_checkpoint_scores_every_checkpoint_and_picks_the_best(lfw_like, 
                  "--out", str(tmp_path / "sel")]) == 0
     assert json.loads((tmp_path / "sel" / "selection.json").read_text())["best_step"] == (
         chosen.best.step)
+    with Image.open(tmp_path / "sel" / "selection.png") as im:  # the command also plots
+        assert im.format == "PNG"
     coarse = select_checkpoint(run, pairs_file, root, out_dir=tmp_path / "coarse", every=4)
     assert [c.step for c in coarse.scores] == [4, 6]  # step 4, and the last
     assert [c.accuracy for c in coarse.scores] == [c.accuracy for c in chosen.scores[1:]]
@@ -188,3 +198,41 @@ def test_select_checkpoint_refuses_pairs_of_trained_identities(lfw_like, tmp_pat
                    f"{trained[3]}\t1\t2\n{trained[4]}\t1\t{trained[5]}\t1\n")
     with pytest.raises(ValueError, match="trained on"):
         select_checkpoint(run, bad, root)
+
+
+def test_plot_selection_draws_the_scores_the_choice_and_a_monitor(tmp_path, monkeypatch):
+    figures = []
+    original = plots._save_figure
+
+    def keep(fig, path, title):
+        figures.append(fig)
+        return original(fig, path, title)
+
+    monkeypatch.setattr(plots, "_save_figure", keep)
+    scores = tuple(CheckpointScore(step, tmp_path / f"c{step}.pt", acc, std, auc)
+                   for step, acc, std, auc in [(100, 0.80, 0.02, 0.90), (200, 0.86, 0.01, 0.93),
+                                               (300, 0.84, 0.03, 0.95)])
+    selection = Selection(scores, scores[1], 380, tmp_path / "s.md", tmp_path / "s.json")
+    png = plot_selection(selection, tmp_path / "s.png",
+                         monitor={"test pairs": ([100, 200, 300], [0.81, 0.85, 0.88])})
+    with Image.open(png) as im:
+        assert im.format == "PNG"
+        assert im.text["Title"] == "Checkpoint selection on held-out identities"
+    left, right = figures[0].axes
+    lines = {line.get_label(): line for line in left.get_lines()}
+    held = lines["held-out identities (380 pairs)"]
+    assert list(held.get_xdata()) == [100, 200, 300]
+    np.testing.assert_allclose(held.get_ydata(), [80.0, 86.0, 84.0])
+    star = lines["chosen: step 200"]
+    assert list(star.get_xdata()) == [200]
+    np.testing.assert_allclose(star.get_ydata(), [86.0])
+    np.testing.assert_allclose(lines["test pairs"].get_ydata(), [81.0, 85.0, 88.0])
+    np.testing.assert_allclose(right.get_lines()[0].get_ydata(), [0.90, 0.93, 0.95])
+    band = left.collections[0].get_paths()[0].vertices[:, 1]  # accuracy ± fold std
+    assert band.min() == pytest.approx(78.0) and band.max() == pytest.approx(87.0)
+
+    with pytest.raises(ValueError, match="2 steps but 3"):
+        plot_selection(selection, tmp_path / "x.png", monitor={"m": ([1, 2], [0.5, 0.5, 0.5])})
+    with pytest.raises(ValueError, match="fractions"):
+        plot_selection(selection, tmp_path / "x.png", monitor={"m": ([1], [85.0])})
+    assert not (tmp_path / "x.png").exists()

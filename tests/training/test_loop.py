@@ -300,6 +300,17 @@ def test_fp16_amp_on_cpu_falls_back_to_float32(faces, tmp_path, caplog):
     assert "float32" in caplog.text and result.steps == 2
 
 
+def test_cudnn_benchmark_is_left_alone_on_cpu(faces, tmp_path, monkeypatch):
+    # [train] cudnn_benchmark sets torch.backends.cudnn.benchmark for a CUDA run only (its
+    # effect on an H200 is measured in docs/benchmarks.md); a CPU run must not touch it.
+    torch.set_num_threads(1)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    cfg = _config(faces, tmp_path / "x", max_steps=1, cudnn_benchmark=True)
+    assert cfg.train.cudnn_benchmark is True
+    train(cfg, progress=False)
+    assert torch.backends.cudnn.benchmark is False
+
+
 def test_run_from_cli_reads_toml(faces, tmp_path):
     torch.set_num_threads(1)
     toml = tmp_path / "exp.toml"

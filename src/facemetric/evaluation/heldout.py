@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -325,11 +325,70 @@ def select_checkpoint(
     return Selection(tuple(scores), best, int(usable.sum()), md, js)
 
 
+def plot_selection(
+    selection: Selection,
+    path: str | os.PathLike[str],
+    *,
+    monitor: Mapping[str, tuple[Sequence[int], Sequence[float]]] | None = None,
+    title: str | None = None,
+) -> Path:
+    """A PNG of a :class:`Selection`: held-out accuracy (± its standard deviation over
+    folds) and AUC against the step, the chosen checkpoint marked. ``monitor`` adds other
+    accuracy curves, ``{name: (steps, accuracies in [0, 1])}`` — e.g. the pairs a
+    ``compare`` run was watched on — to *see* whether they rise and fall with the held-out
+    curve, never to choose by. Written atomically (``facemetric.evaluation.plots``); needs
+    matplotlib.
+
+    Raises:
+        ValueError: a monitor curve whose steps and accuracies differ in length, or an
+            accuracy outside [0, 1].
+        ImportError: matplotlib is not installed.
+    """
+    from facemetric.evaluation.plots import _new_figure, _save_figure
+
+    curves = dict(monitor or {})
+    for name, (steps, acc) in curves.items():
+        if len(steps) != len(acc):
+            raise ValueError(f"monitor curve {name!r}: {len(steps)} steps but {len(acc)} "
+                             "accuracies")
+        if any(not 0.0 <= float(a) <= 1.0 for a in acc):
+            raise ValueError(f"monitor curve {name!r}: accuracies must lie in [0, 1] "
+                             "(fractions, not percent)")
+    steps = np.array([c.step for c in selection.scores])
+    acc = 100 * np.array([c.accuracy for c in selection.scores])
+    std = 100 * np.array([c.accuracy_std for c in selection.scores])
+    fig = _new_figure(10.0, 4.0)
+    left, right = fig.subplots(1, 2)
+    label = f"held-out identities ({selection.pairs} pairs)"
+    (line,) = left.plot(steps, acc, "o-", ms=3, label=label)
+    left.fill_between(steps, acc - std, acc + std, color=line.get_color(), alpha=0.15,
+                      label="± std over folds")
+    best = selection.best
+    left.plot([best.step], [100 * best.accuracy], "*", ms=14, color=line.get_color(),
+              label=f"chosen: step {best.step:,}")
+    for name, (m_steps, m_acc) in curves.items():
+        left.plot(list(m_steps), [100 * float(a) for a in m_acc], "--", lw=1.2, label=name)
+    left.set_xlabel("step")
+    left.set_ylabel("verification accuracy (%)")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    right.plot(steps, [c.auc for c in selection.scores], "o-", ms=3, color=line.get_color())
+    right.plot([best.step], [best.auc], "*", ms=14, color=line.get_color())
+    right.set_xlabel("step")
+    right.set_ylabel("AUC (held-out identities)")
+    right.grid(alpha=0.3)
+    text = title or "Checkpoint selection on held-out identities"
+    fig.suptitle(text)
+    fig.tight_layout()
+    return _save_figure(fig, path, text)
+
+
 __all__: Sequence[str] = [
     "CheckpointScore",
     "HeldOutPairs",
     "Selection",
     "heldout_pairs",
+    "plot_selection",
     "select_checkpoint",
     "trained_identities",
 ]

@@ -193,6 +193,12 @@ class TrainLoopConfig:
     (:class:`~facemetric.training.ema.WeightAverage`; 0: none). The checkpoints then store
     the average as ``"model"`` — what evaluation, export and ``load_model`` use — and the
     optimiser's raw weights as ``"model_raw"``, which ``--resume`` continues.
+    ``cudnn_benchmark``: on CUDA, cuDNN times its convolution algorithms at the first step
+    and keeps the fastest for the run's fixed input size (``torch.backends.cudnn.benchmark``,
+    set for the process): 1.19× the bare IResNet-50 bf16 step at batch 128 on one H200, no
+    measurable change in that host-bound loop (``docs/benchmarks.md``); the chosen
+    algorithms may differ between runs, so two runs are not bit-identical (they are not on
+    CUDA anyway). No effect on CPU.
     ``compile``: the loop calls the backbone through ``torch.compile`` (TorchInductor; on CPU
     it needs a C++ compiler). The same function (float rounding aside) in fused kernels:
     1.33× the bare 64×64 MobileFaceNet training step on 2 CPU cores but ~1.1× the loop's,
@@ -212,6 +218,7 @@ class TrainLoopConfig:
     channels_last: bool = True
     max_skipped_steps: int = 5
     ema_decay: float = 0.0
+    cudnn_benchmark: bool = True
     compile: bool = False
 
 

@@ -554,6 +554,8 @@ def train(
     out_dir = Path(config.output_dir)
     device = ctx.device(config.train.device)
     retain_freed_memory()  # activations re-used from the heap, not re-mapped every step
+    if device.type == "cuda":  # process-wide, as the malloc setting above
+        torch.backends.cudnn.benchmark = config.train.cudnn_benchmark
     started = time.perf_counter()
 
     existing = list_checkpoints(out_dir)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The one-GPU measurements of docs/training.md ("Measured on one H200"), as one command for a
-# lent GPU machine whose python3 has torch (the package runs from src/, nothing installed):
+# The one-GPU measurements of docs/benchmarks.md ("The large-scale configs on one GPU"), as
+# one command for a lent GPU machine whose python3 has torch (the package runs from src/,
+# nothing installed):
 #   OUT=/some/dir FACES=cache/gpu_pool bash benchmarks/gpu_scale_device.sh
 # FACES: a folder of aligned 112×112 face JPEGs (a few hundred; reused for the loop's .rec).
 set -u

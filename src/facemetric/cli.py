@@ -172,7 +172,7 @@ def _cmd_select_checkpoint(args: argparse.Namespace) -> int:
                                out_dir=None if args.out is None else Path(args.out),
                                flip=not args.no_flip, device=args.device, every=args.every)
     print(chosen.summary())
-    monitor = {}
+    monitor: dict[str, tuple[list[int], list[float]]] = {}
     if (Path(args.run) / "compare_run.json").is_file():  # a run of `facemetric compare`
         from facemetric.experiments.compare import recorded_run
 

@@ -55,8 +55,20 @@ def test_a_compiled_run_is_the_eager_run(faces, tmp_path):
     a = load_checkpoint(eager.checkpoint)["model"]
     b = load_checkpoint(compiled.checkpoint)["model"]
     assert list(b) == list(a)  # the plain module's keys, no "_orig_mod." prefix
+    # Fused kernels round differently, and six SGD steps with momentum carry that rounding
+    # into the weights by an amount that depends on the CPU (an elementwise 1e-4 tolerance
+    # held on earlier machines and not on an AMD EPYC, where the largest gap was 0.73% of the
+    # distance trained): each tensor of the compiled run must lie within 3% of the distance
+    # training moved it from the common start, plus 1e-6 for tensors training barely moves
+    # (a bias ahead of a BatchNorm).
+    start = _model().state_dict()
     for key, value in a.items():
-        torch.testing.assert_close(b[key], value, rtol=1e-3, atol=1e-4)
+        if not value.is_floating_point():
+            assert torch.equal(b[key], value), key
+            continue
+        moved = float((value.double() - start[key].double()).norm())
+        apart = float((b[key].double() - value.double()).norm())
+        assert apart <= 0.03 * moved + 1e-6, (key, apart, moved)
     # both load for inference alike and embed alike
     faces_ = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     np.testing.assert_allclose(load_model(compiled.checkpoint).embed_faces(faces_),

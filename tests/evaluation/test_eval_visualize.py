@@ -51,17 +51,9 @@ def block(monkeypatch, *modules: str) -> None:
 
 
 @pytest.fixture
-def capture_figure(monkeypatch):
+def capture_figure(keep_figures):
     """Keeps the figure each ``embedding_map`` call saves (and still saves it)."""
-    figures = []
-    original = visualize._save_figure
-
-    def spy(fig, path, title):
-        figures.append(fig)
-        return original(fig, path, title)
-
-    monkeypatch.setattr(visualize, "_save_figure", spy)
-    return figures
+    return keep_figures(visualize)
 
 
 # --------------------------------------------------------------------------- PCA

@@ -200,15 +200,8 @@ def test_select_checkpoint_refuses_pairs_of_trained_identities(lfw_like, tmp_pat
         select_checkpoint(run, bad, root)
 
 
-def test_plot_selection_draws_the_scores_the_choice_and_a_monitor(tmp_path, monkeypatch):
-    figures = []
-    original = plots._save_figure
-
-    def keep(fig, path, title):
-        figures.append(fig)
-        return original(fig, path, title)
-
-    monkeypatch.setattr(plots, "_save_figure", keep)
+def test_plot_selection_draws_the_scores_the_choice_and_a_monitor(tmp_path, keep_figures):
+    figures = keep_figures(plots)
     scores = tuple(CheckpointScore(step, tmp_path / f"c{step}.pt", acc, std, auc)
                    for step, acc, std, auc in [(100, 0.80, 0.02, 0.90), (200, 0.86, 0.01, 0.93),
                                                (300, 0.84, 0.03, 0.95)])

@@ -17,6 +17,40 @@ def check_embeddings(embeddings: Tensor, labels: Tensor | None = None) -> None:
         ValueError: wrong rank, empty batch, non-floating dtype, NaN/Inf values, labels of
             the wrong rank/dtype or of a different length than the embeddings.
     """
+    _check_embedding_layout(embeddings)
+    # A finite sum implies finite entries (one reduction instead of four elementwise passes);
+    # only a non-finite sum (NaN/Inf inside, or overflow of the sum) needs the exact check.
+    if not bool(torch.isfinite(embeddings.detach().sum())):
+        _check_finite(embeddings)
+    if labels is not None:
+        check_labels(labels, embeddings.shape[0])
+
+
+def check_classifier_input(
+    embeddings: Tensor, labels: Tensor, embedding_size: int, num_classes: int, owner: str
+) -> None:
+    """:func:`check_embeddings` plus the classifier's embedding size and label range.
+
+    The values are read from the device once (the sum of the embeddings and the labels'
+    minimum and maximum in one transfer): on a GPU each read waits for the queued work, so a
+    head called every step should not read three times.
+    """
+    _check_embedding_layout(embeddings)
+    if embeddings.shape[1] != embedding_size:
+        raise ValueError(
+            f"{owner} was built for embedding_size={embedding_size}, got embeddings of size "
+            f"{embeddings.shape[1]}"
+        )
+    _check_label_layout(labels, embeddings.shape[0])
+    finite = torch.isfinite(embeddings.detach().sum()).to(labels.device, torch.int64)
+    sum_finite, lo, hi = torch.stack([finite, labels.min().long(), labels.max().long()]).tolist()
+    if not sum_finite:
+        _check_finite(embeddings)
+    _check_label_range(lo, hi, num_classes)
+
+
+def _check_embedding_layout(embeddings: Tensor) -> None:
+    """Type, rank, emptiness and dtype of ``(B, D)`` embeddings (no value is read)."""
     if not isinstance(embeddings, Tensor):
         raise ValueError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
     if embeddings.dim() != 2:
@@ -28,35 +62,28 @@ def check_embeddings(embeddings: Tensor, labels: Tensor | None = None) -> None:
         raise ValueError(f"embeddings are empty (shape {tuple(embeddings.shape)})")
     if not embeddings.is_floating_point():
         raise ValueError(f"embeddings must be floating point, got {embeddings.dtype}")
-    # A finite sum implies finite entries (one reduction instead of four elementwise passes);
-    # only a non-finite sum (NaN/Inf inside, or overflow of the sum) needs the exact check.
-    if not bool(torch.isfinite(embeddings.detach().sum())) and not bool(
-        torch.isfinite(embeddings).all()
-    ):
+
+
+def _check_finite(embeddings: Tensor) -> None:
+    """Raise if an entry is NaN or Inf (a merely overflowing sum passes)."""
+    if not bool(torch.isfinite(embeddings).all()):
         bad = int((~torch.isfinite(embeddings)).any(dim=1).sum())
         raise ValueError(
             f"embeddings contain NaN or Inf in {bad} of {embeddings.shape[0]} rows; "
             "check the model's output (a diverged run, a bad input image, fp16 overflow)"
         )
-    if labels is not None:
-        check_labels(labels, embeddings.shape[0])
-
-
-def check_classifier_input(
-    embeddings: Tensor, labels: Tensor, embedding_size: int, num_classes: int, owner: str
-) -> None:
-    """:func:`check_embeddings` plus the classifier's embedding size and label range."""
-    check_embeddings(embeddings, labels)
-    if embeddings.shape[1] != embedding_size:
-        raise ValueError(
-            f"{owner} was built for embedding_size={embedding_size}, got embeddings of size "
-            f"{embeddings.shape[1]}"
-        )
-    check_labels(labels, embeddings.shape[0], num_classes)
 
 
 def check_labels(labels: Tensor, batch_size: int, num_classes: int | None = None) -> None:
     """Check integer class labels ``(B,)``, optionally that they lie in ``[0, num_classes)``."""
+    _check_label_layout(labels, batch_size)
+    if num_classes is not None and labels.numel() > 0:
+        lo, hi = torch.stack([labels.min(), labels.max()]).tolist()
+        _check_label_range(lo, hi, num_classes)
+
+
+def _check_label_layout(labels: Tensor, batch_size: int) -> None:
+    """Type, rank, dtype and length of labels ``(B,)`` (no value is read)."""
     if not isinstance(labels, Tensor):
         raise ValueError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dim() != 1:
@@ -68,11 +95,12 @@ def check_labels(labels: Tensor, batch_size: int, num_classes: int | None = None
             f"embeddings and labels differ in length: {batch_size} embeddings but "
             f"{labels.shape[0]} labels"
         )
-    if num_classes is not None and labels.numel() > 0:
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= num_classes:
-            raise ValueError(
-                f"labels must lie in [0, {num_classes}) for a head with {num_classes} classes, "
-                f"got values in [{lo}, {hi}]; remap labels to contiguous ids or enlarge "
-                "num_classes"
-            )
+
+
+def _check_label_range(lo: int, hi: int, num_classes: int) -> None:
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}) for a head with {num_classes} classes, "
+            f"got values in [{lo}, {hi}]; remap labels to contiguous ids or enlarge "
+            "num_classes"
+        )

@@ -79,8 +79,11 @@ def _head_worker(rank: int, port: int, out: str) -> None:
             xl = x[rank * B_LOCAL : (rank + 1) * B_LOCAL].clone().requires_grad_(True)
             value = pfc(xl, y[rank * B_LOCAL : (rank + 1) * B_LOCAL])
             value.backward()
+            sampled = pfc.last_sampled
+            with torch.no_grad():  # evaluation: every centre of every shard, no sampling
+                full = pfc.eval()(xl.detach(), y[rank * B_LOCAL : (rank + 1) * B_LOCAL])
             results.append({"loss": value.detach(), "x_grad": xl.grad, "w_grad": pfc.weight.grad,
-                            "sampled": pfc.last_sampled})
+                            "sampled": sampled, "eval": full})
         torch.save(results, Path(out) / f"head_{rank}.pt")
     finally:
         ctx.destroy()
@@ -102,7 +105,9 @@ def test_sharded_partial_fc_equals_one_process(tmp_path: Path) -> None:
         ref = margin_cross_entropy(xr, wr[union], remapped, ArcMargin(0.4), 8.0, margin_labels=y)
         ref.backward()
         factor = WORLD if ddp_averaging else 1
+        every = margin_cross_entropy(x, w, y, ArcMargin(0.4), 8.0)
         for rank, g in enumerate(got):
+            assert g["eval"].item() == pytest.approx(every.item(), rel=1e-12)
             assert g["loss"].item() == pytest.approx(ref.item(), rel=1e-12)
             mine = slice(rank * B_LOCAL, (rank + 1) * B_LOCAL)
             torch.testing.assert_close(g["x_grad"], factor * xr.grad[mine], rtol=1e-10,

@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from facemetric.losses.classifier.chunked import DEFAULT_CHUNK_SIZE
-from facemetric.losses.classifier.head import NormalizedClassifierLoss, margin_cross_entropy
+from facemetric.losses.classifier.head import NormalizedClassifierLoss, normalized_cross_entropy
 from facemetric.losses.margins import Margin, no_autocast
 from facemetric.validation import check_classifier_input
 
@@ -166,6 +166,8 @@ class PartialFC(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         #: global class ids sampled by the last forward on this process (sorted), or None
         self.last_sampled: Tensor | None = None
+        # (the step buffer, its version, its value) after the last training forward
+        self._step_seen: tuple[Tensor, int, int] | None = None
 
     @classmethod
     def from_loss(
@@ -222,6 +224,16 @@ class PartialFC(nn.Module):
 
     # ------------------------------------------------------------------ sampling
 
+    def _host_step(self) -> int:
+        """``int(self.step)`` without reading the device every step: the value is remembered
+        after each training forward and read again only when the buffer was replaced or
+        written since (``.to()``, ``load_state_dict``, ``step.zero_()`` ...: the tensor's
+        version counter moves on every in-place write)."""
+        seen = self._step_seen
+        if seen is not None and seen[0] is self.step and seen[1] == self.step._version:
+            return seen[2]
+        return int(self.step)
+
     def generator(self, step: int, device: torch.device) -> torch.Generator:
         """The sampling generator of ``step`` on this rank, seeded from ``(seed, step, rank)``."""
         return torch.Generator(device=device).manual_seed(_mix_seed(self.seed, step, self.rank))
@@ -233,22 +245,30 @@ class PartialFC(nn.Module):
             ``(index, targets)``: ``index`` the sorted local row indices sampled (None when
             every local row is used), ``targets (B,)`` each label's position among them, or
             ``-1`` where the label's centre lives on another process.
+
+        Nothing here reads a value back from the device unless the batch could hold more
+        positive classes than ``⌈ρ·num_local⌉`` (then their count sets the sample's size):
+        on a GPU such a read stalls the queue of kernels.
         """
         device = self.weight.device
         labels = labels.to(device)
         local = labels - self.class_start
         mine = (local >= 0) & (local < self.num_local)
-        positive = torch.unique(local[mine])
-        count = sample_count(positive.numel(), self.num_local, self.sample_rate)
-        targets = torch.full_like(labels, -1)
+        # labels of other shards point at a spare last slot, so no boolean indexing is needed
+        slot = torch.where(mine, local, self.num_local)
+        positive = torch.zeros(self.num_local + 1, dtype=torch.bool, device=device)
+        positive = positive.index_fill_(0, slot, True)[: self.num_local]
+        most = min(labels.numel(), self.num_local)  # positives there can be, at most
+        count = sample_count(0, self.num_local, self.sample_rate)
+        if most > count:
+            count = sample_count(int(positive.sum()), self.num_local, self.sample_rate)
         if count >= self.num_local:
-            targets[mine] = local[mine]
-            return None, targets
+            return None, torch.where(mine, local, -1)
         score = torch.rand(self.num_local, generator=self.generator(step, device), device=device)
-        score[positive] = 2.0  # above every uniform draw: positives are always kept
+        score.masked_fill_(positive, 2.0)  # above every uniform draw: positives are always kept
         index = torch.topk(score, count, sorted=False).indices.sort().values
-        targets[mine] = torch.searchsorted(index, local[mine])
-        return index, targets
+        at = torch.searchsorted(index, slot.clamp(max=self.num_local - 1))
+        return index, torch.where(mine, at, -1)
 
     # ------------------------------------------------------------------ forward
 
@@ -260,13 +280,15 @@ class PartialFC(nn.Module):
         grad_scale = float(self.world_size) if self.ddp_averaging else 1.0
         if self.world_size > 1:
             embeddings = _GatherWithGrad.apply(embeddings, self.process_group, grad_scale)
-            labels = _gather(labels, self.process_group)
-        step = int(self.step)
+            labels = _gather(labels, self.process_group, check_sizes=False)  # as embeddings
         if self.training:
+            step = self._host_step()
             index, targets = self.sample(labels, step)
             self.step += 1
-        else:
-            index, targets = None, labels - self.class_start
+            self._step_seen = (self.step, self.step._version, step + 1)
+        else:  # every local centre; labels of other shards' centres get -1
+            local = labels - self.class_start
+            index, targets = None, torch.where((local >= 0) & (local < self.num_local), local, -1)
         rows = torch.arange(self.num_local, device=labels.device) if index is None else index
         self.last_sampled = rows + self.class_start
         if index is None:
@@ -276,7 +298,8 @@ class PartialFC(nn.Module):
         else:
             weight = self.weight[index]
         if self.world_size == 1:
-            return margin_cross_entropy(
+            # the input was checked above and the targets index ``weight`` by construction
+            return normalized_cross_entropy(
                 embeddings, weight, targets, self.margin, self.scale,
                 margin_labels=labels, chunk_size=self.chunk_size,
             )  # fmt: skip
@@ -293,11 +316,15 @@ class PartialFC(nn.Module):
             x = F.normalize(embeddings.to(work), dim=1, eps=_NORM_EPS)
             w = F.normalize(weight.to(work), dim=1, eps=_NORM_EPS)
             cos = x @ w.t()
-            hit = torch.nonzero(targets >= 0).squeeze(1)
-            cols = targets[hit]
-            # every process calls the margin (maybe on no rows) so stateful margins agree
-            psi = self.margin(cos[hit, cols], labels[hit]).to(work)
-            logits = (self.scale * cos).index_put((hit, cols), self.scale * psi)
+            # without boolean indexing (a read of the device): the margin sees every row
+            # (once per forward on every process, so stateful margins agree) and only the
+            # rows whose centre lives here keep it
+            hit = targets >= 0
+            cols = targets.clamp(min=0).unsqueeze(1)
+            at_col = cos.gather(1, cols).squeeze(1)
+            psi = self.margin(at_col, labels).to(work)
+            target = self.scale * torch.where(hit, psi, at_col)
+            logits = (self.scale * cos).scatter(1, cols, target.unsqueeze(1))
             losses = _DistributedSoftmaxCE.apply(logits, targets, self.process_group)
         return losses.mean()
 
@@ -342,16 +369,17 @@ def _mix_seed(*parts: int) -> int:
     return (int(state[0]) << 31 ^ int(state[1])) & (2**63 - 1)
 
 
-def _gather(tensor: Tensor, group: Any) -> Tensor:
-    """All-gather equal-sized ``tensor``s along dim 0 (no gradient)."""
+def _gather(tensor: Tensor, group: Any, *, check_sizes: bool = True) -> Tensor:
+    """All-gather equal-sized ``tensor``s along dim 0 (no gradient); ``check_sizes`` first
+    gathers the sizes and raises if they differ (one read of the device)."""
     world = dist.get_world_size(group)
-    size = torch.tensor([tensor.shape[0]], device=tensor.device)
-    sizes = [torch.empty_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size, group=group)
-    if any(int(s) != tensor.shape[0] for s in sizes):
-        raise ValueError(
-            f"PartialFC needs the same batch size on every process, got {[int(s) for s in sizes]}"
-        )
+    if check_sizes:
+        size = torch.tensor([tensor.shape[0]], device=tensor.device)
+        sizes = [torch.empty_like(size) for _ in range(world)]
+        dist.all_gather(sizes, size, group=group)
+        seen = torch.cat(sizes).tolist()
+        if any(s != tensor.shape[0] for s in seen):
+            raise ValueError(f"PartialFC needs the same batch size on every process, got {seen}")
     parts = [torch.empty_like(tensor) for _ in range(world)]
     dist.all_gather(parts, tensor.contiguous(), group=group)
     return torch.cat(parts)
@@ -393,12 +421,12 @@ class _DistributedSoftmaxCE(torch.autograd.Function):
             exp = (logits - top.unsqueeze(1)).exp_()
             total = exp.sum(dim=1)
             dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-            hit = torch.nonzero(targets >= 0).squeeze(1)
-            target = torch.zeros_like(top)
-            target[hit] = logits[hit, targets[hit]]
+            hit = targets >= 0
+            cols = targets.clamp(min=0).unsqueeze(1)
+            target = torch.where(hit, logits.gather(1, cols).squeeze(1), 0.0)
             dist.all_reduce(target, op=dist.ReduceOp.SUM, group=group)
             prob = exp.div_(total.unsqueeze(1))
-        ctx.save_for_backward(prob, hit, targets[hit])
+        ctx.save_for_backward(prob, hit, cols)
         return total.log() + top - target
 
     @staticmethod
@@ -406,7 +434,7 @@ class _DistributedSoftmaxCE(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None]:
         prob, hit, cols = ctx.saved_tensors
         out = prob * grad.unsqueeze(1)
-        out[hit, cols] -= grad[hit]
+        out.scatter_add_(1, cols, torch.where(hit, -grad, 0.0).unsqueeze(1))
         return out, None, None
 
 

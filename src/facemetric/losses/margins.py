@@ -84,7 +84,9 @@ class ArcMargin(Margin):
         self.fallback = fallback
 
     def rewrite(self, cos: Tensor, labels: Tensor) -> Tensor:
-        m = torch.tensor(self.margin, dtype=torch.float64, device=cos.device)
+        # a 0-d CPU tensor combines with a GPU one as a number: creating it on the GPU would
+        # be a copy from the host that waits for the queued kernels
+        m = torch.tensor(self.margin, dtype=torch.float64)
         return additive_angular(cos, m, self.fallback)
 
     def extra_repr(self) -> str:
@@ -163,7 +165,7 @@ class CombinedMargin(Margin):
 
     def rewrite(self, cos: Tensor, labels: Tensor) -> Tensor:
         if self.m1 == 1.0:
-            m2 = torch.tensor(self.m2, dtype=torch.float64, device=cos.device)
+            m2 = torch.tensor(self.m2, dtype=torch.float64)  # on the CPU, as in ArcMargin
             return additive_angular(cos, m2, self.fallback) - self.m3
         theta = torch.atan2(_sin(cos), cos)
         phi = self.m1 * theta + self.m2
@@ -289,7 +291,8 @@ def additive_angular(cos: Tensor, margin: Tensor, fallback: bool) -> Tensor:
     """``cos(θ + m)`` from ``cos θ`` (clamped to [-1, 1]) and margins ``m`` (float64 tensor).
 
     With ``fallback``, ``cos θ - m·sin m`` where ``θ > π - m`` (see :class:`ArcMargin`).
-    ``margin`` is a 0-d tensor or one margin per entry of ``cos``.
+    ``margin`` is a 0-d tensor (on the CPU, whatever the device of ``cos``) or one margin
+    per entry of ``cos`` (on its device).
     """
     cos_m = torch.cos(margin).to(cos.dtype)
     sin_m = torch.sin(margin).to(cos.dtype)

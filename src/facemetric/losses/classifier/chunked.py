@@ -91,15 +91,19 @@ def chunked_cross_entropy(
     reduction: str = "mean",
 ) -> Tensor:
     """The loss above. ``x (B, D)``, ``weight (C·k, D)``, ``scale (B,)`` (≥ 0), ``bias (C,)``
-    or None, all of one floating dtype; ``labels (B,)`` in ``[0, C)``; input is not checked
-    here beyond the reduction and scale sign. ``reduction``: "mean" (over the batch),
-    "sum" or "none"."""
+    or None, all of one floating dtype; ``labels (B,)`` in ``[0, C)``; the values are not
+    checked here (:func:`~facemetric.losses.classifier.head.row_scale` checks the scale,
+    the callers the rest). ``reduction``: "mean" (over the batch), "sum" or "none".
+
+    Nothing here waits on a GPU but one read of whether a chunk's log-sum-exp underflowed
+    (then the non-target terms are summed again with exact shifts) and, in the backward pass
+    on the CPU only, whether any incoming gradient is negative: values read back from a GPU
+    stall the queue of kernels.
+    """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if spec.chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {spec.chunk_size}")
-    if bool((scale < 0).any()):
-        raise ValueError("the logit scale must be >= 0")
     labels = labels.long()  # uint8 would index as a mask, int16 not at all
     with no_autocast(x.device.type):
         losses = _ChunkedSoftmaxCE.apply(x, weight, scale, bias, labels, spec)
@@ -135,7 +139,7 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
         chunks = _chunks(num_classes, max(1, spec.chunk_size // k), labels)
         step = chunks[0][1]
         z = x.new_empty(num_classes, batch)
-        scratch = x.new_empty(step * k, batch)
+        scratch = x.new_empty(step * k + 1, batch)  # + a spare row for the targets' writes
         arg = None
         if k > 1:
             arg = x.new_empty(num_classes, batch, dtype=torch.uint8 if k <= 256 else torch.int64)
@@ -151,7 +155,8 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
         xs = x * factor.unsqueeze(1)
         xs_t = xs.t()
         nontarget = x.new_full((batch,), -math.inf)
-        for c0, c1, rows, cols in chunks:
+        underflow = None
+        for c0, c1, dest in chunks:
             w = weight[c0 * k : c1 * k]
             zc = z[c0:c1]
             raw = torch.mm(w, xs_t, out=zc if k == 1 else scratch[: (c1 - c0) * k])
@@ -168,8 +173,11 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
                 arg[c0:c1] = which
                 r = None
             bound = scale if bounded else None
-            lse = _chunk_lse(zc, r, bias, bound, nontarget, c0, rows, cols, scratch)
+            lse, flag = _chunk_lse(zc, r, bias, bound, nontarget, c0, dest, scratch)
             nontarget = torch.logaddexp(nontarget, lse)
+            underflow = flag if underflow is None else underflow.logical_or_(flag)
+        if underflow is not None and bool(underflow.any()):
+            nontarget = _nontarget_lse(z, chunks, arg, inv_norm, bias, None, scratch)
 
         # the target: row index into weight, u, ‖w‖
         at = torch.arange(batch, device=x.device)
@@ -178,14 +186,13 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
         if arg is None and inv_norm is not None:
             z_target = z_target * inv_norm[labels]
         positive = scale > 0
-        if bool(positive.all()):
-            u_target = z_target / scale
-        else:  # some s_b = 0: u from the features themselves
-            u_target = (x * weight[target_row]).sum(1)
-            if x_norm is not None:
-                u_target = u_target / x_norm
-            if inv_norm is not None:
-                u_target = u_target * inv_norm[target_row]
+        # u = z/s, or where s_b = 0 from the features themselves (chosen without a read)
+        u_direct = (x * weight[target_row]).sum(1)
+        if x_norm is not None:
+            u_direct = u_direct / x_norm
+        if inv_norm is not None:
+            u_direct = u_direct * inv_norm[target_row]
+        u_target = torch.where(positive, z_target / torch.where(positive, scale, 1.0), u_direct)
         if inv_norm is not None:
             w_norm = inv_norm[target_row].reciprocal()
         else:
@@ -201,12 +208,9 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
             xs.mul_(ratio.unsqueeze(1))
             factor = factor * ratio
             scale = new_scale
-            nontarget = x.new_full((batch,), -math.inf)
-            for c0, c1, rows, cols in chunks:
-                r = None if arg is not None or inv_norm is None else inv_norm[c0:c1, None]
-                bound = scale if bounded else None
-                lse = _chunk_lse(z[c0:c1], r, bias, bound, nontarget, c0, rows, cols, scratch)
-                nontarget = torch.logaddexp(nontarget, lse)
+            nontarget = _nontarget_lse(
+                z, chunks, arg, inv_norm, bias, scale if bounded else None, scratch
+            )
 
         needs_grad = any(ctx.needs_input_grad[:4])
         with torch.enable_grad():
@@ -256,18 +260,23 @@ def _chunk_lse(
     bound: Tensor | None,
     running: Tensor,
     c0: int,
-    rows: Tensor,
-    cols: Tensor,
+    dest: Tensor,
     scratch: Tensor,
-) -> Tensor:
-    """``log Σ_c exp(r_c·zc_bc + β_c)`` over the chunk's non-target classes, per sample.
+) -> tuple[Tensor, Tensor | None]:
+    """``log Σ_c exp(r_c·zc_bc + β_c)`` over the chunk's non-target classes, per sample,
+    and where it may have underflowed (``(B,)`` bool, or None for an exact shift).
 
     With ``bound`` (an upper bound of the logits, ``(B,)``) the shift is ``max(running,
     bound − 60)``, ``running`` being the log-sum-exp so far: no term exceeds e⁶⁰, and a term
     that underflows is negligible next to ``e^running`` — unless the shift came from the
-    bound and the whole chunk is tiny; that chunk is redone with its exact max.
+    bound and the whole chunk is tiny: those samples are flagged, and the caller sums again
+    with exact shifts (:func:`_nontarget_lse` with no bound) if any is. ``dest`` ``(B,)``:
+    each sample's target row in the chunk, or the spare row ``n`` (``scratch`` has
+    ``n + 1`` rows or more) when its target lies elsewhere.
     """
-    e = scratch[: zc.shape[0]]
+    n = zc.shape[0]
+    at = torch.arange(dest.shape[0], device=dest.device)
+    e = scratch[:n]
     if bound is not None:
         shift = torch.maximum(running, bound - _HEADROOM)
         if r is not None:
@@ -275,25 +284,45 @@ def _chunk_lse(
         else:
             torch.sub(zc, shift, out=e)
         e.exp_()
-        if rows.numel():
-            e[rows, cols] = 0.0
+        scratch[dest, at] = 0.0
         total = e.sum(dim=0)
         info = torch.finfo(e.dtype)
-        tiny = total < info.tiny * e.shape[0] / info.eps
-        if not bool((tiny & (shift > running)).any()):
-            return total.log_().add_(shift)
-    # exact max shift (bias, unbounded logits, or an underflowing chunk)
+        tiny = total < info.tiny * n / info.eps
+        return total.log_().add_(shift), tiny.logical_and_(shift > running)
+    # exact max shift (bias or unbounded logits)
     if r is not None:
         torch.mul(zc, r, out=e)
     else:
         e.copy_(zc)
     if bias is not None:
-        e.add_(bias[c0 : c0 + zc.shape[0]].unsqueeze(1))
+        e.add_(bias[c0 : c0 + n].unsqueeze(1))
     top = e.amax(dim=0)  # includes the target: a shift only, which is harmless
     e.sub_(top).exp_()
-    if rows.numel():
-        e[rows, cols] = 0.0
-    return e.sum(dim=0).log_().add_(top)
+    scratch[dest, at] = 0.0
+    return e.sum(dim=0).log_().add_(top), None
+
+
+def _nontarget_lse(
+    z: Tensor,
+    chunks: list[tuple[int, int, Tensor]],
+    arg: Tensor | None,
+    inv_norm: Tensor | None,
+    bias: Tensor | None,
+    bound: Tensor | None,
+    scratch: Tensor,
+) -> Tensor:
+    """The non-target log-sum-exp ``(B,)`` from the kept ``z``, summed again (exactly when
+    ``bound`` is None or a chunk underflowed)."""
+    nontarget = z.new_full((z.shape[1],), -math.inf)
+    underflow = None
+    for c0, c1, dest in chunks:
+        r = None if arg is not None or inv_norm is None else inv_norm[c0:c1, None]
+        lse, flag = _chunk_lse(z[c0:c1], r, bias, bound, nontarget, c0, dest, scratch)
+        nontarget = torch.logaddexp(nontarget, lse)
+        underflow = flag if underflow is None else underflow.logical_or_(flag)
+    if underflow is not None and bool(underflow.any()):
+        return _nontarget_lse(z, chunks, arg, inv_norm, bias, None, scratch)
+    return nontarget
 
 
 def _backward(
@@ -330,16 +359,20 @@ def _backward(
     step = ctx.chunks[0][1] - ctx.chunks[0][0]
     batch = x.shape[0]
     # blocks reused by every chunk (fresh per-chunk allocations cost page faults)
-    scratch = x.new_empty(step, batch)
+    scratch = x.new_empty(step + 1, batch)  # + a spare row for the targets' writes
     full_block = x.new_empty(step * k, batch) if k > 1 else None
     product = x.new_empty(step * k, batch) if need_w and inv_norm is not None else None
     d_target = -grad_loss * torch.exp(nontarget - lse)
     m_target = d_target * d_phi_du  # M at the target entries
     # softmax·ℓ̄ = exp(z − lse + log|ℓ̄|): the row factor rides in the exponent's shift
     neg_shift = grad_loss.abs().log() - lse
-    sign = grad_loss.sign().unsqueeze(0) if bool((grad_loss < 0).any()) else None
+    # a negative incoming gradient (rare: e.g. a loss subtracted) needs its sign applied; a
+    # GPU is not asked (a read would stall it), the CPU is (the multiply costs a pass)
+    negative = not reads_are_free(grad_loss) or bool((grad_loss < 0).any())
+    sign = grad_loss.sign().unsqueeze(0) if negative else None
+    at = torch.arange(batch, device=x.device)
 
-    for c0, c1, rows, cols in ctx.chunks:
+    for c0, c1, dest in ctx.chunks:
         n = c1 - c0
         zc = z[c0:c1]
         g = scratch[:n]
@@ -354,13 +387,11 @@ def _backward(
         if sign is not None:
             g.mul_(sign)
         if db is not None:
-            if rows.numel():
-                g[rows, cols] = 0.0
+            scratch[dest, at] = 0.0
             torch.sum(g, dim=1, out=db[c0:c1])
         if dxs is None and dw is None:
             continue
-        if rows.numel():
-            g[rows, cols] = m_target[cols]
+        scratch[dest, at] = m_target  # outside the chunk: into the spare row
         w = weight[c0 * k : c1 * k]
         if full_block is not None:  # route each pooled gradient to the winning sub-centre
             full = full_block[: n * k].view(n, k, batch).zero_()
@@ -406,15 +437,19 @@ def _backward(
     return dx, dw, ds, db
 
 
-def _chunks(num_classes: int, step: int, labels: Tensor) -> list[tuple[int, int, Tensor, Tensor]]:
-    """``(c0, c1, target rows within the chunk, their samples)`` for each class chunk."""
-    which = torch.div(labels, step, rounding_mode="floor")
-    order = torch.argsort(which, stable=True)
-    counts = torch.bincount(which, minlength=(num_classes + step - 1) // step).tolist()
+def _chunks(num_classes: int, step: int, labels: Tensor) -> list[tuple[int, int, Tensor]]:
+    """``(c0, c1, dest)`` for each class chunk: ``dest (B,)`` each sample's target row within
+    the chunk, or ``c1 − c0`` (a spare row past the chunk) when its target lies elsewhere —
+    computed on the device without reading it back."""
     out = []
-    start = 0
-    for i, c0 in enumerate(range(0, num_classes, step)):
-        samples = order[start : start + counts[i]]
-        start += counts[i]
-        out.append((c0, min(num_classes, c0 + step), labels[samples] - c0, samples))
+    for c0 in range(0, num_classes, step):
+        c1 = min(num_classes, c0 + step)
+        inside = (labels >= c0) & (labels < c1)
+        out.append((c0, c1, torch.where(inside, labels - c0, c1 - c0)))
     return out
+
+
+def reads_are_free(tensor: Tensor) -> bool:
+    """Whether reading ``tensor``'s values on the host costs nothing but the read: true on
+    the CPU; on a GPU a read waits for every queued kernel."""
+    return tensor.device.type == "cpu"

@@ -145,10 +145,16 @@ def work_dtype(*tensors: Tensor) -> torch.dtype:
 def row_scale(
     scale: float | Tensor, batch: int, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
-    """The scale as a ``(batch,)`` tensor of ``dtype`` (keeps the autograd graph)."""
+    """The scale as a ``(batch,)`` tensor of ``dtype`` (keeps the autograd graph).
+
+    Raises:
+        ValueError: a scale that is NaN, infinite or negative, or of the wrong shape.
+    """
     if not isinstance(scale, Tensor):
         if not math.isfinite(float(scale)):
             raise ValueError(f"scale must be finite, got {scale}")
+        if float(scale) < 0:
+            raise ValueError(f"the logit scale must be >= 0, got {scale}")
         return torch.full((batch,), float(scale), dtype=dtype, device=device)
     if scale.dim() == 0:
         scale = scale.expand(batch)
@@ -157,8 +163,10 @@ def row_scale(
             f"scale must be a number, a 0-d tensor or have shape ({batch},), got "
             f"{tuple(scale.shape)}"
         )
-    if not bool(torch.isfinite(scale).all()):
-        raise ValueError("scale contains NaN or Inf")
+    if not bool((torch.isfinite(scale) & (scale >= 0)).all()):  # one read of the values
+        if not bool(torch.isfinite(scale).all()):
+            raise ValueError("scale contains NaN or Inf")
+        raise ValueError("the logit scale must be >= 0")
     return scale.to(dtype)
 
 

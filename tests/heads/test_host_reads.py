@@ -20,7 +20,13 @@ from facemetric.heads import PartialFC
 from facemetric.host_reads import HostReads
 from facemetric.losses.classifier import ArcFaceLoss, chunked
 from facemetric.losses.classifier.head import margin_cross_entropy
-from facemetric.losses.margins import ArcMargin, CombinedMargin, CosMargin, Margin
+from facemetric.losses.margins import (
+    ArcMargin,
+    CombinedMargin,
+    CosMargin,
+    DynamicArcMargin,
+    Margin,
+)
 
 
 @pytest.fixture
@@ -71,6 +77,18 @@ def test_a_partial_fc_step_reads_the_device_twice(margin: Margin, as_on_gpu) -> 
     # log-sum-exp underflowed (one read for all)
     assert c.reads == ["Tensor.tolist", "aten._local_scalar_dense.default"] * 3
     assert int(pfc.step) == 4
+
+
+def test_dynamic_margins_check_their_labels_in_one_read(as_on_gpu) -> None:
+    counts = torch.randint(1, 50, (20_000,)).double()
+    margin = DynamicArcMargin.from_counts(counts, a=0.5, b=0.05, lam=0.25)
+    pfc = PartialFC(20_000, 32, margin, 64.0, sample_rate=0.1)
+    x, y = torch.randn(64, 32), torch.randint(0, 20_000, (64,))
+    _pfc_step(pfc, x, y)
+    with HostReads() as c:
+        _pfc_step(pfc, x, y)
+    # the input check, the underflow check, then the margin's label range (φ comes after)
+    assert c.reads == ["Tensor.tolist", "aten._local_scalar_dense.default", "Tensor.tolist"]
 
 
 def test_partial_fc_reads_the_positives_only_when_they_could_exceed_the_sample(

@@ -135,11 +135,13 @@ class DynamicArcMargin(Margin):
             raise ValueError(
                 f"DynamicArcMargin: got {cos.shape[0]} cosines but {labels.shape[0]} labels"
             )
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.margins.numel()):
-            raise ValueError(
-                f"DynamicArcMargin: labels must lie in [0, {self.margins.numel()}), got "
-                f"[{int(labels.min())}, {int(labels.max())}]"
-            )
+        if labels.numel():
+            lo, hi = torch.stack([labels.min(), labels.max()]).tolist()  # one read of the device
+            if lo < 0 or hi >= self.margins.numel():
+                raise ValueError(
+                    f"DynamicArcMargin: labels must lie in [0, {self.margins.numel()}), got "
+                    f"[{lo}, {hi}]"
+                )
         return additive_angular(cos, self.margins[labels.long()], self.fallback)
 
 

@@ -1,7 +1,8 @@
 """Partial FC and the chunked classifier head do not read the device back in a training step
 beyond what they must: on a GPU every such read (``.item()``, ``int(t)``, ``bool(t)``,
 ``.tolist()``, boolean indexing, ``torch.unique``, ``nonzero``) waits for all queued kernels,
-and the H200 profile of 2026-12-04 counted 28 of them per Partial FC step.
+and the H200 profile of 2026-12-04 counted 28 of them per training step of the loop with
+Partial FC (the head's, the loop's checks and the optimiser's together).
 
 The reads are counted here on the CPU by the operators that perform them on a GPU
 (:class:`facemetric.host_reads.HostReads`, a ``TorchDispatchMode`` that sees every operator of

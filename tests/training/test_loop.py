@@ -400,6 +400,46 @@ class _NanGradientAt(nn.Module):
         return emb.pow(2).mean()
 
 
+def test_a_training_step_reads_the_device_once(faces, tmp_path):
+    """The loop's own checks (embeddings finite, loss finite, gradient norm finite) and a
+    combined loss's parts for ``log.csv`` come back in one transfer per step: on a GPU each
+    read of a device value waits for every queued kernel. Counted on the CPU by
+    :class:`facemetric.host_reads.HostReads`, entered as the model's forward begins and left
+    when the optimiser's step ends (the P×K sampler's host-side draws between steps are not
+    the step's); the loss itself is read-free (a mean square)."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from facemetric.host_reads import HostReads
+
+    torch.set_num_threads(1)
+    objective = WeightedLossSum([(1.0, _NanGradientAt(set())), (0.5, _NanGradientAt(set()))])
+    cfg = _config(faces, tmp_path / "run", max_steps=5, log_every=5, ema_decay=0.9)
+    model = build_model(cfg.model)
+    steps: list[HostReads] = []
+
+    def begin(module: nn.Module, args: object) -> None:
+        if module.training:  # not the EMA copy's or an evaluation's forward
+            steps.append(HostReads().__enter__())
+
+    def end(optimizer: object, args: object, kwargs: object) -> None:
+        steps[-1].__exit__(None, None, None)
+
+    hooks = [model.register_forward_pre_hook(begin), register_optimizer_step_post_hook(end)]
+    try:
+        result = train(cfg, model=model, loss=objective, progress=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert result.steps == 5 and len(steps) == 5
+    assert [mode.reads for mode in steps] == [["Tensor.tolist"]] * 5
+    row = _rows(result.log_csv)[-1]  # the parts still reach log.csv: 1·m + 0.5·m = 1.5·m
+    parts = dict(kv.split("=") for kv in row["loss_terms"].split("; "))
+    assert set(parts) == {"0._NanGradientAt", "1._NanGradientAt"}
+    assert float(parts["0._NanGradientAt"]) == pytest.approx(float(parts["1._NanGradientAt"]))
+    assert float(row["loss"]) == pytest.approx(1.5 * float(parts["0._NanGradientAt"]),
+                                               rel=1e-5)
+
+
 def _checkpoints(out: Path) -> dict[int, dict]:
     return {int(p.stem.split("_")[1]): load_checkpoint(p) for p in out.glob("checkpoint_*.pt")}
 

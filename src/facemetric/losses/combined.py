@@ -24,9 +24,11 @@ class WeightedLossSum(nn.Module):
     loss with its miner. Weights are finite and ``> 0``; a term of weight 0 is a term to
     remove, and is refused.
 
-    ``last`` holds each term's detached, unweighted value from the latest call, keyed
-    ``"<index>.<class name>"`` (``"0.NPairLoss"``, ``"1.ArcFaceLoss"``; the training loop
-    logs them in ``log.csv``'s ``loss_terms``).
+    ``last`` holds each term's detached, unweighted value from the latest call as a 0-d
+    tensor on the loss's device, keyed ``"<index>.<class name>"`` (``"0.NPairLoss"``,
+    ``"1.ArcFaceLoss"``; the training loop logs them in ``log.csv``'s ``loss_terms``). They
+    stay tensors so that reading them is the caller's choice: on a GPU each read waits for
+    the queued kernels, and the loop reads them with the loss in one transfer.
 
     Raises:
         ValueError: no terms, a weight that is not finite and positive, or a term that is
@@ -46,14 +48,14 @@ class WeightedLossSum(nn.Module):
                                  f"must be a finite number > 0, got {w!r}")
         self.terms = nn.ModuleList([term for _, term in terms])
         self.weights = [float(w) for w, _ in terms]
-        self.last: dict[str, float] = {}
+        self.last: dict[str, Tensor] = {}
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         total: Tensor | None = None
-        last: dict[str, float] = {}
+        last: dict[str, Tensor] = {}
         for i, (w, term) in enumerate(zip(self.weights, self.terms, strict=True)):
             value = term(embeddings, labels)
-            last[f"{i}.{type(term).__name__}"] = float(value.detach())
+            last[f"{i}.{type(term).__name__}"] = value.detach()
             total = w * value if total is None else total + w * value
         self.last = last
         assert total is not None

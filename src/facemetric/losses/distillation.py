@@ -221,7 +221,8 @@ class DistillationObjective(nn.Module):
     (a projection) and the label loss's (class centres) are this module's parameters, so
     the optimiser and checkpoints see them.
 
-    ``last`` holds the detached value of each part of the latest call (for logging).
+    ``last`` holds the detached value of each part of the latest call, a 0-d tensor on the
+    loss's device (for logging; the training loop reads them with the loss in one transfer).
     """
 
     def __init__(
@@ -245,20 +246,20 @@ class DistillationObjective(nn.Module):
         self.label_weight = float(label_weight)
         self.terms = nn.ModuleDict({k: m for k, (_, m) in terms.items()})
         self.weights = {k: float(w) for k, (w, _) in terms.items()}
-        self.last: dict[str, float] = {}
+        self.last: dict[str, Tensor] = {}
 
     def forward(self, student: Tensor, labels: Tensor, teacher: Tensor) -> Tensor:
         total = student.new_zeros(())
-        last: dict[str, float] = {}
+        last: dict[str, Tensor] = {}
         if self.label_loss is not None and self.label_weight > 0:
             value = self.label_loss(student, labels)
-            last["label"] = float(value.detach())
+            last["label"] = value.detach()
             total = total + self.label_weight * value
         for name, term in self.terms.items():
             w = self.weights[name]
             if w > 0:
                 value = term(student, teacher)
-                last[name] = float(value.detach())
+                last[name] = value.detach()
                 total = total + w * value
         self.last = last
         return total

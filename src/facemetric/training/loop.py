@@ -401,6 +401,24 @@ def _failing_ranks(ctx: DistributedContext, failed: bool) -> list[int]:
     return [r for r, v in enumerate(ctx.all_values(1.0 if failed else 0.0)) if v != 0.0]
 
 
+def _check_embeddings(bad: Sequence[int], step: int, ctx: DistributedContext) -> None:
+    """Raise the loop's error for embeddings that hold NaN or Inf on the ranks ``bad``
+    (``step`` is the number of steps done before this one)."""
+    if bad:
+        raise FloatingPointError(
+            f"the embeddings hold NaN or Inf at step {step + 1}{_where(bad, ctx)}; "
+            "lower [optimizer] lr or set [train] grad_clip"
+        )
+
+
+def _read_once(values: Sequence[Tensor]) -> list[float]:
+    """0-d tensors as Python floats in one transfer from their device (booleans as 1.0 /
+    0.0): on a GPU every read waits for all queued kernels, so a step reads once."""
+    device = values[0].device
+    stacked = torch.stack([v.to(device=device, dtype=torch.float64).reshape(()) for v in values])
+    return stacked.tolist()
+
+
 def _where(ranks: Sequence[int], ctx: DistributedContext) -> str:
     if ctx.world_size == 1:
         return ""
@@ -838,36 +856,47 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
                     embeddings = net(images)
-                # Every process learns whether any other failed before it goes on (a process
-                # that raised alone would leave the others blocked in the next collective).
-                bad = _failing_ranks(ctx, not bool(torch.isfinite(embeddings).all()))
-                if bad:
-                    raise FloatingPointError(
-                        f"the embeddings hold NaN or Inf at step {step + 1}{_where(bad, ctx)}; "
-                        "lower [optimizer] lr or set [train] grad_clip"
-                    )
-                value = loss_fn(embeddings.float(), targets, *extra)
-                values = ctx.all_values(float(value.detach()))
+                finite = torch.isfinite(embeddings).all()
+                if ctx.world_size > 1:
+                    # Every process learns whether any other failed before the loss: one
+                    # whose loss raised alone would leave the others blocked in the gradient
+                    # all-reduce.
+                    _check_embeddings(_failing_ranks(ctx, not bool(finite)), step, ctx)
+                try:
+                    value = loss_fn(embeddings.float(), targets, *extra)
+                except Exception:  # a loss that checks its input: name the cause, the NaN
+                    _check_embeddings([] if bool(finite) else [ctx.rank], step, ctx)
+                    raise
+                # The loss is read after its backward pass, not before: on a GPU a read waits
+                # for every queued kernel, and here it is one transfer with the checks.
+                scaler.scale(value).backward()
+                norm: Tensor | None = None
+                if config.train.grad_clip is not None:
+                    scaler.unscale_(optimizer)
+                    norm = clip_grad_norm(params, config.train.grad_clip)
+                check_norm = not scaler.is_enabled()  # an fp16 grad scaler skips overflows
+                if check_norm and norm is None:
+                    norm = gradient_norm(params)
+                terms = getattr(loss, "last", {})
+                host = _read_once([finite, value.detach(),
+                                   *([norm] if check_norm else []), *terms.values()])
+                if ctx.world_size == 1:
+                    _check_embeddings([] if host[0] else [0], step, ctx)
+                values = ctx.all_values(host[1])
                 bad = [r for r, v in enumerate(values) if not math.isfinite(v)]
                 if bad:
                     raise FloatingPointError(
                         f"the loss is {values[bad[0]]} at step {step + 1}{_where(bad, ctx)}; "
                         "lower [optimizer] lr or set [train] grad_clip"
                     )
-                scaler.scale(value).backward()
-                norm: Tensor | None = None
-                if config.train.grad_clip is not None:
-                    scaler.unscale_(optimizer)
-                    norm = clip_grad_norm(params, config.train.grad_clip)
                 lr = float(optimizer.param_groups[0]["lr"])
                 skip: list[int] = []
-                if not scaler.is_enabled():  # an fp16 grad scaler skips overflows itself
-                    if norm is None:
-                        norm = gradient_norm(params)
-                    skip = _failing_ranks(ctx, not bool(torch.isfinite(norm)))
+                if check_norm:
+                    norm_value = host[2]
+                    skip = _failing_ranks(ctx, not math.isfinite(norm_value))
                 if skip:
                     skipped += 1
-                    what = (f"the gradient is not finite (norm {float(norm):g}) at step "
+                    what = (f"the gradient is not finite (norm {norm_value:g}) at step "
                             f"{step + 1}{_where(skip, ctx)} behind a finite loss")
                     if skipped > config.train.max_skipped_steps:
                         raise FloatingPointError(
@@ -890,7 +919,7 @@ def train(
                 if batch_in_epoch == steps_per_epoch:
                     epoch, batch_in_epoch = epoch + 1, 0
                 history.append(sum(values) / len(values))
-                for part, part_value in getattr(loss, "last", {}).items():
+                for part, part_value in zip(terms, host[len(host) - len(terms):], strict=True):
                     window_terms.setdefault(part, []).append(part_value)
                 window_steps += 1
                 run_images += batch_images

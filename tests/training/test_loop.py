@@ -440,6 +440,26 @@ def test_a_training_step_reads_the_device_once(faces, tmp_path):
                                                rel=1e-5)
 
 
+def test_a_loss_whose_parts_are_plain_numbers_is_logged(faces, tmp_path):
+    """A loss of the caller's may keep ``last`` as Python floats, not tensors."""
+
+    class _Parts(nn.Module):
+        def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
+            value = emb.pow(2).mean()
+            self.last = {"half": 0.5 * float(value.detach()), "one": 1.0}
+            return value
+
+    torch.set_num_threads(1)
+    result = train(_config(faces, tmp_path / "run", max_steps=2, log_every=1), loss=_Parts(),
+                   progress=False)
+    rows = _rows(result.log_csv)
+    assert len(rows) == 2
+    for row in rows:
+        parts = dict(kv.split("=") for kv in row["loss_terms"].split("; "))
+        assert float(parts["one"]) == 1.0
+        assert float(parts["half"]) == pytest.approx(0.5 * float(row["loss"]), rel=1e-5)
+
+
 def _checkpoints(out: Path) -> dict[int, dict]:
     return {int(p.stem.split("_")[1]): load_checkpoint(p) for p in out.glob("checkpoint_*.pt")}
 

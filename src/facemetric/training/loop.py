@@ -411,11 +411,14 @@ def _check_embeddings(bad: Sequence[int], step: int, ctx: DistributedContext) ->
         )
 
 
-def _read_once(values: Sequence[Tensor]) -> list[float]:
-    """0-d tensors as Python floats in one transfer from their device (booleans as 1.0 /
-    0.0): on a GPU every read waits for all queued kernels, so a step reads once."""
-    device = values[0].device
-    stacked = torch.stack([v.to(device=device, dtype=torch.float64).reshape(()) for v in values])
+def _read_once(values: Sequence[Tensor | float]) -> list[float]:
+    """One-element tensors (or plain numbers: a third-party loss's ``last`` may hold floats)
+    as Python floats, in one transfer from the first one's device (booleans as 1.0 / 0.0):
+    on a GPU every read waits for all queued kernels, so a step reads once."""
+    first = values[0]
+    device = first.device if isinstance(first, Tensor) else torch.device("cpu")
+    stacked = torch.stack([torch.as_tensor(v).to(device=device, dtype=torch.float64).reshape(())
+                           for v in values])
     return stacked.tolist()
 
 

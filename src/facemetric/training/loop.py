@@ -411,14 +411,13 @@ def _check_embeddings(bad: Sequence[int], step: int, ctx: DistributedContext) ->
         )
 
 
-def _read_once(values: Sequence[Tensor | float]) -> list[float]:
+def _read_once(first: Tensor, rest: Sequence[Tensor | float]) -> list[float]:
     """One-element tensors (or plain numbers: a third-party loss's ``last`` may hold floats)
-    as Python floats, in one transfer from the first one's device (booleans as 1.0 / 0.0):
-    on a GPU every read waits for all queued kernels, so a step reads once."""
-    first = values[0]
-    device = first.device if isinstance(first, Tensor) else torch.device("cpu")
-    stacked = torch.stack([torch.as_tensor(v).to(device=device, dtype=torch.float64).reshape(())
-                           for v in values])
+    as Python floats, in one transfer from ``first``'s device (booleans as 1.0 / 0.0): on a
+    GPU every read waits for all queued kernels, so a step reads once."""
+    stacked = torch.stack([torch.as_tensor(v).to(device=first.device,
+                                                 dtype=torch.float64).reshape(())
+                           for v in (first, *rest)])
     return stacked.tolist()
 
 
@@ -881,8 +880,8 @@ def train(
                 if check_norm and norm is None:
                     norm = gradient_norm(params)
                 terms = getattr(loss, "last", {})
-                host = _read_once([finite, value.detach(),
-                                   *([norm] if check_norm else []), *terms.values()])
+                host = _read_once(finite, [value.detach(), *([norm] if check_norm else []),
+                                           *terms.values()])
                 if ctx.world_size == 1:
                     _check_embeddings([] if host[0] else [0], step, ctx)
                 values = ctx.all_values(host[1])

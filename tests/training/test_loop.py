@@ -292,6 +292,27 @@ def test_non_finite_loss_stops_with_a_clear_error(faces, tmp_path):
         train(_config(faces, tmp_path / "x"), loss=_Nan(), progress=False)
 
 
+def test_a_nan_loss_without_a_gradient_is_the_loops_error_not_torchs(faces, tmp_path):
+    # A loss built from a constant (no graph back to the weights) used to reach backward(),
+    # whose RuntimeError says nothing of NaN; the loop names the value and the step instead.
+    class _NanConstant(nn.Module):
+        def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
+            return torch.tensor(float("nan"))
+
+    with pytest.raises(FloatingPointError, match=r"the loss is nan at step 1"):
+        train(_config(faces, tmp_path / "x"), loss=_NanConstant(), progress=False)
+
+
+def test_a_loss_that_ignores_the_embeddings_is_named(faces, tmp_path):
+    class _Constant(nn.Module):
+        def forward(self, emb: Tensor, labels: Tensor) -> Tensor:
+            return torch.tensor(0.25)
+
+    with pytest.raises(ValueError, match=r"at step 1 \(0.25\) does not depend on the model"):
+        train(_config(faces, tmp_path / "x"), loss=_Constant(), progress=False)
+    assert not list((tmp_path / "x").glob("checkpoint_*.pt"))  # nothing written
+
+
 def test_fp16_amp_on_cpu_falls_back_to_float32(faces, tmp_path, caplog):
     torch.set_num_threads(1)
     cfg = _config(faces, tmp_path / "x", max_steps=2, amp=True, amp_dtype="fp16")

@@ -40,7 +40,10 @@ the check): the step is skipped — no optimiser update (its forward pass has ru
 BatchNorm statistics and loss state saw the batch), counted as a step — with a warning, at
 most ``[train] max_skipped_steps`` times in a run (the count is checkpointed), then
 training stops with an error. A checkpoint is never written from non-finite weights. (Under fp16
-AMP on CUDA the grad scaler skips overflowing steps itself; those are not counted.)
+AMP on CUDA the grad scaler skips overflowing steps itself; those are not counted.) A loss
+that does not depend on the weights (no gradient: built from constants) stops the run
+before ``backward()`` with a ``ValueError`` saying so, or the ``FloatingPointError`` above
+when it is also NaN/Inf.
 
 **Distributed.** Rank and world size live only in :class:`DistributedContext` (one process
 by default): the samplers shard by it, and model wrapping, metric reduction and barriers go
@@ -62,7 +65,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -409,6 +412,23 @@ def _check_embeddings(bad: Sequence[int], step: int, ctx: DistributedContext) ->
             f"the embeddings hold NaN or Inf at step {step + 1}{_where(bad, ctx)}; "
             "lower [optimizer] lr or set [train] grad_clip"
         )
+
+
+def _no_gradient(value: Tensor, step: int) -> NoReturn:
+    """Raise for a loss ``value`` that does not depend on the weights (``step`` steps done):
+    the loop's ``FloatingPointError`` when it is NaN or Inf, as for any other non-finite
+    loss, else a ``ValueError`` naming the cause instead of torch's backward error."""
+    number = float(value.detach().float().reshape(-1)[0]) if value.numel() else math.nan
+    if not math.isfinite(number):
+        raise FloatingPointError(
+            f"the loss is {number} at step {step + 1}; lower [optimizer] lr or set "
+            "[train] grad_clip"
+        )
+    raise ValueError(
+        f"the loss at step {step + 1} ({number:g}) does not depend on the model's weights "
+        "(no gradient): the loss must be computed from the embeddings it is given — a loss "
+        "with nothing to compare in a batch should return e.g. embeddings.sum() * 0"
+    )
 
 
 def _read_once(first: Tensor, rest: Sequence[Tensor | float]) -> list[float]:
@@ -869,6 +889,8 @@ def train(
                 except Exception:  # a loss that checks its input: name the cause, the NaN
                     _check_embeddings([] if bool(finite) else [ctx.rank], step, ctx)
                     raise
+                if not value.requires_grad:  # backward() would fail with torch's words
+                    _no_gradient(value, step)
                 # The loss is read after its backward pass, not before: on a GPU a read waits
                 # for every queued kernel, and here it is one transfer with the checks.
                 scaler.scale(value).backward()

@@ -130,6 +130,20 @@ def test_compare_two_losses_same_data_order_and_outputs(setup):
     assert cfg["seed"] == 7 and cfg["train"]["max_steps"] == 4
 
 
+def test_each_held_out_check_is_printed_while_the_run_trains(setup, tmp_path, capsys):
+    # A 60-minute run's periodic checks used to reach only its record, written at the end.
+    tmp = setup["tmp"]
+    result = compare([setup["cosface"]], out_dir=tmp_path / "out", budget_steps=2,
+                     eval_every=1, eval_pairs=tmp / "pairs.txt", eval_root=tmp / "held",
+                     eval_folds=2, seed=7, progress=True)
+    err = capsys.readouterr().err
+    run = result.runs[0]
+    assert run.eval_steps == [0, 1, 2]
+    for step, accuracy in zip(run.eval_steps, run.eval_accuracy, strict=True):
+        assert (f"cosface: step {step}, " in err
+                and f"held-out accuracy {100 * accuracy:.1f}% (no flip test)" in err)
+
+
 def test_wall_time_budget_stops_runs(setup):
     tmp = setup["tmp"]
     result = compare([setup["cosface"]], out_dir=tmp / "timed", budget_seconds=1e-6,

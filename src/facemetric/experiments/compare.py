@@ -22,11 +22,11 @@ under the same conditions and plots how they converge:
 - **held-out verification while training**: given ``eval_pairs`` (an LFW-format pairs file)
   and ``eval_root`` (aligned images), every ``eval_every`` steps — and at step 0 and at the
   end — an ``on_step`` hook embeds the pairs' distinct images with the current model in
-  eval mode (no flip test, for speed) and records the k-fold accuracy; the model goes back
-  to training mode afterwards. Images are decoded once, up front. ``max_eval_pairs`` keeps
-  an evenly spaced subset for these checks (both classes of a ``pairsDev*`` file, which
-  lists matched pairs first) in interleaved folds. The final metrics use every pair, with
-  the flip test.
+  eval mode (no flip test, for speed) and records the k-fold accuracy (and, with
+  ``progress``, prints it above the bar); the model goes back to training mode afterwards.
+  Images are decoded once, up front. ``max_eval_pairs`` keeps an evenly spaced subset for
+  these checks (both classes of a ``pairsDev*`` file, which lists matched pairs first) in
+  interleaved folds. The final metrics use every pair, with the flip test.
 
 Written to ``out_dir``: ``convergence.png`` (2×2 panels: training loss and held-out
 accuracy against steps and against training wall time; the loss drawn as a running mean),
@@ -61,6 +61,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from facemetric.atomic import atomic_write_text
 from facemetric.evaluation.plots import _new_figure, _save_figure
@@ -466,9 +468,13 @@ def _run_one(
             return
         t = time.perf_counter()
         sync_average()
-        result.eval_accuracy.append(_monitor_accuracy(monitor_encoder, held))
+        accuracy = _monitor_accuracy(monitor_encoder, held)
+        result.eval_accuracy.append(accuracy)
         result.eval_steps.append(step)
         result.eval_wall.append(train_time)
+        if progress:  # a long run can be judged while it trains, not only from its record
+            tqdm.write(f"{name}: step {step:,}, {train_time:.0f} s of training: held-out "
+                       f"accuracy {100 * accuracy:.1f}% (no flip test)", file=sys.stderr)
         clock["eval"] += time.perf_counter() - t
 
     def on_step(info: StepInfo) -> bool:

@@ -414,16 +414,20 @@ def _check_embeddings(bad: Sequence[int], step: int, ctx: DistributedContext) ->
         )
 
 
+def _non_finite_loss(number: float, step: int, where: str) -> FloatingPointError:
+    """The loop's error for a NaN/Inf loss ``number`` (``step`` steps done; ``where``: the
+    ranks, from :func:`_where`)."""
+    return FloatingPointError(f"the loss is {number} at step {step + 1}{where}; lower "
+                              "[optimizer] lr or set [train] grad_clip")
+
+
 def _no_gradient(value: Tensor, step: int) -> NoReturn:
     """Raise for a loss ``value`` that does not depend on the weights (``step`` steps done):
     the loop's ``FloatingPointError`` when it is NaN or Inf, as for any other non-finite
     loss, else a ``ValueError`` naming the cause instead of torch's backward error."""
     number = float(value.detach().float().reshape(-1)[0]) if value.numel() else math.nan
     if not math.isfinite(number):
-        raise FloatingPointError(
-            f"the loss is {number} at step {step + 1}; lower [optimizer] lr or set "
-            "[train] grad_clip"
-        )
+        raise _non_finite_loss(number, step, "")
     raise ValueError(
         f"the loss at step {step + 1} ({number:g}) does not depend on the model's weights "
         "(no gradient): the loss must be computed from the embeddings it is given — a loss "
@@ -909,10 +913,7 @@ def train(
                 values = ctx.all_values(host[1])
                 bad = [r for r, v in enumerate(values) if not math.isfinite(v)]
                 if bad:
-                    raise FloatingPointError(
-                        f"the loss is {values[bad[0]]} at step {step + 1}{_where(bad, ctx)}; "
-                        "lower [optimizer] lr or set [train] grad_clip"
-                    )
+                    raise _non_finite_loss(values[bad[0]], step, _where(bad, ctx))
                 lr = float(optimizer.param_groups[0]["lr"])
                 skip: list[int] = []
                 if check_norm:

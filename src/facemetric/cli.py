@@ -64,6 +64,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_average(args: argparse.Namespace) -> int:
+    from facemetric.training.averaging import (
+        average_checkpoints,
+        default_average_name,
+        save_average,
+        tail_checkpoints,
+    )
+
+    run = Path(args.run)
+    paths = tail_checkpoints(run, from_step=args.from_step, to_step=args.to_step,
+                             last_fraction=args.last_fraction)
+    averaged = average_checkpoints(paths)
+    out = Path(args.out) if args.out else run / default_average_name(averaged)
+    save_average(averaged, out)
+    steps = averaged.steps
+    print(f"averaged {len(steps)} checkpoints of {run} (steps {steps[0]:,}–{steps[-1]:,}): "
+          f"{out}\n  evaluate or export it like a checkpoint: facemetric eval --model {out} ...")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from facemetric.evaluation.run import evaluate
 
@@ -317,6 +337,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue from the last checkpoint in output_dir"
     )
     train.set_defaults(func=_cmd_train)
+
+    avg = sub.add_parser("average", help="uniform average of a run's last checkpoints "
+                         "(stochastic weight averaging)")
+    avg.add_argument("run", help="the run folder holding checkpoint_*.pt")
+    tail = avg.add_mutually_exclusive_group()
+    tail.add_argument("--last-fraction", type=float,
+                      help="the checkpoints of the last fraction of the run's steps (e.g. 0.33)")
+    tail.add_argument("--from-step", type=int, help="first step averaged (inclusive)")
+    avg.add_argument("--to-step", type=int, help="last step averaged (inclusive; default: the "
+                     "last checkpoint)")
+    avg.add_argument("--out", help="file to write (default: RUN/averaged_<first>-<last>.pt)")
+    avg.set_defaults(func=_cmd_average)
 
     distill = sub.add_parser(
         "distill", help="train a student on a teacher's embeddings (knowledge distillation)")

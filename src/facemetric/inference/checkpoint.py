@@ -69,12 +69,13 @@ def read_backbone(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor]
     """
     path = Path(path)
     try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError as err:  # mmap needs the zip format; old or foreign files
-        if "mmap" not in str(err).lower():
-            raise ValueError(f"{path} is not a readable torch checkpoint: {err}") from err
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as err:  # mmap needs the zip format; old or foreign files
+            if "mmap" not in str(err).lower():
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch/zip/pickle signal a damaged file with many types
         raise ValueError(f"{path} is not a readable torch checkpoint: {err}") from err
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(

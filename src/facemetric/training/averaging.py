@@ -1,0 +1,186 @@
+"""The uniform average of a run's checkpoints (stochastic weight averaging over its tail).
+
+Given the checkpoints ``θ_{s_1}, …, θ_{s_n}`` that one run wrote at steps ``s_1 < … < s_n``::
+
+    θ̄ = (1/n) · Σ_i θ_{s_i}
+
+for every floating-point tensor of the backbone (parameters and BatchNorm's running
+statistics), summed in float64 and stored in the tensor's own dtype; integer buffers
+(``num_batches_tracked``) are taken from the last checkpoint. This is stochastic weight
+averaging (Izmailov et al., "Averaging Weights Leads to Wider Optima and Better
+Generalization", UAI 2018) applied after the fact to the checkpoints a run keeps anyway, the
+checkpoint averaging of the Kaggle metric-learning solutions. Where the run kept an EMA
+(``[train] ema_decay``), each checkpoint's ``"model"`` already is that average over the last
+~``1/(1 − decay)`` steps: the uniform average over a longer tail widens the window.
+
+BatchNorm's running statistics are averaged like the weights, as the EMA does, rather than
+recomputed for the averaged weights (SWA recomputes them with a pass over the training data);
+along the low-learning-rate tail of a cosine schedule the checkpoints' statistics differ little.
+
+The result is written as a file :func:`facemetric.inference.load_model` reads like a
+checkpoint (``"model"``, ``"config"``, ``"step"`` = the last averaged step) plus
+``"averaged_from"`` (the steps and file names). It holds no optimiser or RNG state, so a run
+cannot resume from it, and its name (``averaged_<first>-<last>.pt`` by default) is not a
+``checkpoint_*.pt``, so ``--resume`` and "the newest checkpoint of a run folder" never pick it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from facemetric.atomic import atomic_write
+from facemetric.inference.checkpoint import read_backbone
+from facemetric.training.checkpoint import FORMAT_VERSION, list_checkpoints, non_finite_tensors
+
+
+@dataclass(frozen=True)
+class AveragedWeights:
+    """What :func:`average_checkpoints` returns.
+
+    Attributes:
+        weights: the averaged backbone state dict (the model's keys and dtypes).
+        config: the training configuration stored in the last checkpoint.
+        steps: the averaged checkpoints' steps, ascending.
+        files: their file names, in the same order.
+    """
+
+    weights: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    steps: tuple[int, ...]
+    files: tuple[str, ...]
+
+
+def _model_identity(config: dict[str, Any]) -> tuple[Any, ...]:
+    model = config.get("model", {})
+    return (model.get("name"), model.get("embedding_size"),
+            repr(sorted(dict(model.get("options", {})).items())),
+            config.get("data", {}).get("image_size"))
+
+
+def average_checkpoints(paths: list[str | os.PathLike[str]]) -> AveragedWeights:
+    """The uniform average of the backbones of ``paths`` (module docstring).
+
+    The checkpoints are read one at a time (memory-mapped, backbone only), so the memory
+    needed is two backbones whatever ``n``.
+
+    Raises:
+        ValueError: no path; a file that is not a facemetric checkpoint; checkpoints of
+            different backbones (another ``[model]`` or image size, other keys, shapes or
+            dtypes); two files of the same step; non-finite weights in one of them.
+    """
+    if not paths:
+        raise ValueError("no checkpoint to average: pass at least one checkpoint_*.pt")
+    loaded: list[tuple[int, Path]] = []
+    total: dict[str, torch.Tensor] = {}
+    reference: dict[str, torch.Tensor] = {}
+    config: dict[str, Any] = {}
+    identity: tuple[Any, ...] = ()
+    last_step = -1
+    for raw in paths:
+        path = Path(raw)
+        weights, cfg, step = read_backbone(path)
+        bad = non_finite_tensors(weights)
+        if bad:
+            raise ValueError(
+                f"{path} holds non-finite weights ({', '.join(bad[:5])}); leave it out of the "
+                "average (choose the steps with --from-step/--to-step)")
+        if not loaded:
+            reference = weights
+            identity = _model_identity(cfg)
+            total = {k: v.double().clone() for k, v in weights.items() if v.is_floating_point()}
+        else:
+            if _model_identity(cfg) != identity:
+                raise ValueError(
+                    f"{path} was trained with another backbone ({_model_identity(cfg)}) than "
+                    f"{loaded[0][1]} ({identity}): average checkpoints of one run only")
+            if set(weights) != set(reference) or any(
+                    weights[k].shape != v.shape or weights[k].dtype != v.dtype
+                    for k, v in reference.items()):
+                raise ValueError(
+                    f"{path} has other weight names, shapes or dtypes than {loaded[0][1]}: "
+                    "average checkpoints of one run only")
+            for k in total:
+                total[k] += weights[k].double()
+        if any(step == s for s, _ in loaded):
+            raise ValueError(f"two checkpoints of step {step} ({path} and "
+                             f"{dict(loaded)[step]}): pass each checkpoint once")
+        loaded.append((step, path))
+        if step > last_step:  # integer buffers and the configuration come from the last step
+            last_step, config = step, cfg
+            integer = {k: v for k, v in weights.items() if not v.is_floating_point()}
+    n = len(loaded)
+    averaged = {}
+    for k, v in reference.items():
+        averaged[k] = (total[k] / n).to(v.dtype) if k in total else integer[k].clone()
+    order = sorted(loaded)
+    return AveragedWeights(averaged, config, tuple(s for s, _ in order),
+                           tuple(p.name for _, p in order))
+
+
+def tail_checkpoints(
+    run_dir: str | os.PathLike[str],
+    *,
+    from_step: int | None = None,
+    to_step: int | None = None,
+    last_fraction: float | None = None,
+) -> list[Path]:
+    """The ``checkpoint_*.pt`` files of ``run_dir`` to average, oldest first.
+
+    ``from_step``/``to_step`` (inclusive) bound the steps; ``last_fraction = f`` keeps the
+    checkpoints of steps ``≥ (1 − f) · last step`` (e.g. 1/3: the last third of the run).
+    The two ways exclude each other; with neither, every checkpoint is taken.
+
+    Raises:
+        FileNotFoundError: ``run_dir`` holds no checkpoint.
+        ValueError: both ways given, a fraction outside ``(0, 1]``, or an empty range.
+    """
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise FileNotFoundError(f"{run_dir} holds no checkpoint_*.pt file: pass the folder a "
+                                "training run (or `facemetric compare`) wrote its checkpoints to")
+    if last_fraction is not None:
+        if from_step is not None or to_step is not None:
+            raise ValueError("give either a fraction of the run or a step range, not both")
+        if not 0.0 < last_fraction <= 1.0:
+            raise ValueError(f"the fraction of the run must lie in (0, 1], got {last_fraction}")
+        from_step = round((1.0 - last_fraction) * found[-1][0])
+    low = -1 if from_step is None else from_step
+    high = found[-1][0] if to_step is None else to_step
+    chosen = [p for s, p in found if low <= s <= high]
+    if not chosen:
+        steps = [s for s, _ in found]
+        raise ValueError(f"no checkpoint of {run_dir} lies in steps {low}–{high} (it has "
+                         f"steps {steps[0]}–{steps[-1]}, {len(steps)} files)")
+    return chosen
+
+
+def save_average(averaged: AveragedWeights, path: str | os.PathLike[str]) -> Path:
+    """Write ``averaged`` atomically as a file ``load_model`` reads (module docstring)."""
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "model": averaged.weights,
+        "config": averaged.config,
+        "step": averaged.steps[-1],
+        "averaged_from": {"method": "uniform", "steps": list(averaged.steps),
+                          "files": list(averaged.files)},
+    }
+    return atomic_write(Path(path), lambda f: torch.save(payload, f))
+
+
+def default_average_name(averaged: AveragedWeights) -> str:
+    """``averaged_<first step>-<last step>.pt``."""
+    return f"averaged_{averaged.steps[0]:09d}-{averaged.steps[-1]:09d}.pt"
+
+
+__all__ = [
+    "AveragedWeights",
+    "average_checkpoints",
+    "default_average_name",
+    "save_average",
+    "tail_checkpoints",
+]

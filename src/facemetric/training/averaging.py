@@ -65,8 +65,8 @@ def _model_identity(config: dict[str, Any]) -> tuple[Any, ...]:
 def average_checkpoints(paths: list[str | os.PathLike[str]]) -> AveragedWeights:
     """The uniform average of the backbones of ``paths`` (module docstring).
 
-    The checkpoints are read one at a time (memory-mapped, backbone only), so the memory
-    needed is two backbones whatever ``n``.
+    The checkpoints are read one at a time (memory-mapped, backbone only): the memory needed
+    is a few backbones (a float64 sum among them) whatever ``n``.
 
     Raises:
         ValueError: no path; a file that is not a facemetric checkpoint; checkpoints of
@@ -75,51 +75,48 @@ def average_checkpoints(paths: list[str | os.PathLike[str]]) -> AveragedWeights:
     """
     if not paths:
         raise ValueError("no checkpoint to average: pass at least one checkpoint_*.pt")
-    loaded: list[tuple[int, Path]] = []
+    loaded: dict[int, Path] = {}
     total: dict[str, torch.Tensor] = {}
     reference: dict[str, torch.Tensor] = {}
+    last: dict[str, torch.Tensor] = {}  # the integer buffers of the newest checkpoint
     config: dict[str, Any] = {}
     identity: tuple[Any, ...] = ()
-    last_step = -1
     for raw in paths:
         path = Path(raw)
         weights, cfg, step = read_backbone(path)
+        if step in loaded:
+            raise ValueError(f"two checkpoints of step {step} ({loaded[step]} and {path}): "
+                             "pass each checkpoint once")
         bad = non_finite_tensors(weights)
         if bad:
             raise ValueError(
                 f"{path} holds non-finite weights ({', '.join(bad[:5])}); leave it out of the "
                 "average (choose the steps with --from-step/--to-step)")
         if not loaded:
-            reference = weights
-            identity = _model_identity(cfg)
-            total = {k: v.double().clone() for k, v in weights.items() if v.is_floating_point()}
-        else:
-            if _model_identity(cfg) != identity:
-                raise ValueError(
-                    f"{path} was trained with another backbone ({_model_identity(cfg)}) than "
-                    f"{loaded[0][1]} ({identity}): average checkpoints of one run only")
-            if set(weights) != set(reference) or any(
-                    weights[k].shape != v.shape or weights[k].dtype != v.dtype
-                    for k, v in reference.items()):
-                raise ValueError(
-                    f"{path} has other weight names, shapes or dtypes than {loaded[0][1]}: "
-                    "average checkpoints of one run only")
-            for k in total:
-                total[k] += weights[k].double()
-        if any(step == s for s, _ in loaded):
-            raise ValueError(f"two checkpoints of step {step} ({path} and "
-                             f"{dict(loaded)[step]}): pass each checkpoint once")
-        loaded.append((step, path))
-        if step > last_step:  # integer buffers and the configuration come from the last step
-            last_step, config = step, cfg
-            integer = {k: v for k, v in weights.items() if not v.is_floating_point()}
+            reference, identity = weights, _model_identity(cfg)
+            total = {k: torch.zeros_like(v, dtype=torch.float64)
+                     for k, v in weights.items() if v.is_floating_point()}
+        first = next(iter(loaded.values()), path)
+        if _model_identity(cfg) != identity:
+            raise ValueError(
+                f"{path} was trained with another backbone ({_model_identity(cfg)}) than "
+                f"{first} ({identity}): average checkpoints of one run only")
+        if set(weights) != set(reference) or any(
+                weights[k].shape != v.shape or weights[k].dtype != v.dtype
+                for k, v in reference.items()):
+            raise ValueError(f"{path} has other weight names, shapes or dtypes than {first}: "
+                             "average checkpoints of one run only")
+        for k, acc in total.items():
+            acc += weights[k].double()
+        if not loaded or step > max(loaded):
+            config = cfg
+            last = {k: v for k, v in weights.items() if not v.is_floating_point()}
+        loaded[step] = path
     n = len(loaded)
-    averaged = {}
-    for k, v in reference.items():
-        averaged[k] = (total[k] / n).to(v.dtype) if k in total else integer[k].clone()
-    order = sorted(loaded)
-    return AveragedWeights(averaged, config, tuple(s for s, _ in order),
-                           tuple(p.name for _, p in order))
+    averaged = {k: (total[k] / n).to(v.dtype) if k in total else last[k].clone()
+                for k, v in reference.items()}
+    steps = tuple(sorted(loaded))
+    return AveragedWeights(averaged, config, steps, tuple(loaded[s].name for s in steps))
 
 
 def tail_checkpoints(

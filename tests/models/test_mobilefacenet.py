@@ -20,16 +20,19 @@ def bottleneck_params(c_in: int, c_out: int, t: int) -> int:
     return expand + depthwise + project
 
 
-def mobilefacenet_params(d: int) -> int:
-    stem = (27 * 64 + 2 * 64 + 64) + (9 * 64 + 2 * 64 + 64)  # conv3×3/2, depthwise conv3×3
+def mobilefacenet_params(d: int, narrow: int = 64, wide: int = 128) -> int:
+    """The hand count; ``narrow``/``wide``: the stem's and first stage's channels, the later
+    stages' (64/128 in the paper)."""
+    n, w = narrow, wide
+    stem = (27 * n + 2 * n + n) + (9 * n + 2 * n + n)  # conv3×3/2, depthwise conv3×3
     blocks = (
-        5 * bottleneck_params(64, 64, 2)  # the first has stride 2, same parameters
-        + bottleneck_params(64, 128, 4)
-        + 6 * bottleneck_params(128, 128, 2)
-        + bottleneck_params(128, 128, 4)
-        + 2 * bottleneck_params(128, 128, 2)
+        5 * bottleneck_params(n, n, 2)  # the first has stride 2, same parameters
+        + bottleneck_params(n, w, 4)
+        + 6 * bottleneck_params(w, w, 2)
+        + bottleneck_params(w, w, 4)
+        + 2 * bottleneck_params(w, w, 2)
     )
-    expand = 128 * 512 + 2 * 512 + 512
+    expand = w * 512 + 2 * 512 + 512
     gdc = 7 * 7 * 512 + 2 * 512  # one 7×7 filter per channel, BN, no PReLU
     embed = 512 * d + 2 * d  # linear 1×1 conv (no bias), BN1d
     return stem + blocks + expand + gdc + embed
@@ -169,3 +172,25 @@ def test_gem_pool_replaces_the_gdc_and_feeds_the_embedding_its_generalised_mean(
     torch.testing.assert_close(seen["pooled"][:, :, 0, 0].double(), want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="pool must be one of"):
         build_model("mobilefacenet", pool="avg")
+
+
+def test_width_scales_the_trunk_channels_and_keeps_the_head():
+    # 1.5 × 64 = 96, 1.5 × 128 = 192; 1.3 × 64 = 83.2 → 80, 1.3 × 128 = 166.4 → 168
+    for width, narrow, wide in ((1.5, 96, 192), (1.3, 80, 168), (0.5, 32, 64), (2, 128, 256)):
+        model = build_model("mobilefacenet", embedding_size=128, width=width)
+        assert n_params(model) == mobilefacenet_params(128, narrow, wide), width
+        assert model.stem[0][0].out_channels == narrow
+        assert model.blocks[-1].body[-1][0].out_channels == wide
+        assert model.gdc[0].weight.shape == (512, 1, 7, 7)  # the head as the paper's
+    assert n_params(build_model("mobilefacenet", embedding_size=128, width=1.5)) == 2_047_808
+    wide64 = build_model("mobilefacenet", embedding_size=128, input_size=64, width=1.5).eval()
+    with torch.no_grad():
+        assert wide64(torch.randn(2, 3, 64, 64)).shape == (2, 128)
+    # width 1 is the paper's network: same keys and shapes, so old checkpoints load
+    plain, one = build_model("mobilefacenet"), build_model("mobilefacenet", width=1.0)
+    assert {k: v.shape for k, v in plain.state_dict().items()} == {
+        k: v.shape for k, v in one.state_dict().items()
+    }
+    for wrong in (0.2, 5.0, "1.5", True):
+        with pytest.raises(ValueError, match="width must"):
+            build_model("mobilefacenet", width=wrong)

@@ -50,6 +50,16 @@ POOLS = ("gdc", "gem")
 convolution, or generalised-mean pooling."""
 
 
+def scaled_channels(channels: int, width: float) -> int:
+    """``channels × width`` rounded to the nearest multiple of 8 (at least 8): the channel
+    count of a stage of a ``width``-times MobileFaceNet (1 gives the paper's)."""
+    if isinstance(width, bool) or not isinstance(width, int | float):
+        raise ValueError(f"width must be a number, got {width!r}")
+    if not 0.25 <= width <= 4.0:
+        raise ValueError(f"width must lie in [0.25, 4] (1 is the paper's network), got {width}")
+    return max(8, round(channels * width / 8.0) * 8)
+
+
 def _conv_bn(
     in_ch: int,
     out_ch: int,
@@ -104,6 +114,11 @@ class MobileFaceNet(nn.Module):
         pool: ``"gdc"`` (the paper's global depthwise convolution, spatial weights per
             channel) or ``"gem"`` (generalised-mean pooling, one learnt exponent, no spatial
             weights: 26,111 fewer parameters at 112 px).
+        width: multiplier of the stem's and the bottlenecks' channels (1, the paper's, by
+            default), each rounded to a multiple of 8 (:func:`scaled_channels`); the 512
+            channels of the last 1×1 convolution and the GDC stay, so the embedding head is
+            the same. insightface's ``mbf`` uses 2 (with its own block counts); the
+            pointwise convolutions, most of the operations, grow with its square.
     """
 
     def __init__(
@@ -112,6 +127,7 @@ class MobileFaceNet(nn.Module):
         input_size: int = INPUT_SIZE,
         dropout: float = 0.0,
         pool: str = "gdc",
+        width: float = 1.0,
     ) -> None:
         super().__init__()
         if pool not in POOLS:
@@ -124,18 +140,21 @@ class MobileFaceNet(nn.Module):
             raise ValueError(f"input_size must be an int, got {input_size!r}")
         if input_size < 32 or input_size % 16:
             raise ValueError(f"input_size must be a multiple of 16 and >= 32, got {input_size}")
+        stem = scaled_channels(64, width)  # checks width
         self.embedding_size = embedding_size
         self.input_size = input_size
+        self.width = width
         self.stem = nn.Sequential(
-            _conv_bn(3, 64, 3, stride=2),
-            _conv_bn(64, 64, 3, groups=64),
+            _conv_bn(3, stem, 3, stride=2),
+            _conv_bn(stem, stem, 3, groups=stem),
         )
         blocks: list[nn.Module] = []
-        in_ch = 64
+        in_ch = stem
         for t, c, n, s in BOTTLENECKS:
             for i in range(n):
-                blocks.append(Bottleneck(in_ch, c, stride=s if i == 0 else 1, expansion=t))
-                in_ch = c
+                out_ch = scaled_channels(c, width)
+                blocks.append(Bottleneck(in_ch, out_ch, stride=s if i == 0 else 1, expansion=t))
+                in_ch = out_ch
         self.blocks = nn.Sequential(*blocks)
         self.expand = _conv_bn(in_ch, 512, 1)
         self.pool = pool
@@ -173,6 +192,7 @@ def mobilefacenet(
     input_size: int = INPUT_SIZE,
     dropout: float = 0.0,
     pool: str = "gdc",
+    width: float = 1.0,
 ) -> MobileFaceNet:
     """MobileFaceNet (Chen et al. 2018); 1,200,512 parameters with a 512-d embedding at 112."""
-    return MobileFaceNet(embedding_size, input_size, dropout, pool)
+    return MobileFaceNet(embedding_size, input_size, dropout, pool, width)

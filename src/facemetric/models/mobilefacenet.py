@@ -143,7 +143,6 @@ class MobileFaceNet(nn.Module):
         stem = scaled_channels(64, width)  # checks width
         self.embedding_size = embedding_size
         self.input_size = input_size
-        self.width = width
         self.stem = nn.Sequential(
             _conv_bn(3, stem, 3, stride=2),
             _conv_bn(stem, stem, 3, groups=stem),

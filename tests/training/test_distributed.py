@@ -253,6 +253,57 @@ def test_gather_rows_concatenates_unequal_shards_in_rank_order(tmp_path: Path) -
         assert torch.equal(x, want_x) and torch.equal(y, want_y)
 
 
+def _memory_worker(rank: int, port: int, out: str) -> None:
+    from facemetric.losses.cross_rank import set_statistics_group
+    from facemetric.losses.pair import NPairLoss
+    from facemetric.losses.pair.memory import CrossBatchMemory
+
+    torch.set_num_threads(1)
+    _set_env(rank, port)
+    ctx = init_distributed()
+    try:
+        memory = CrossBatchMemory(NPairLoss(), 3, size=10)
+        assert set_statistics_group(memory, dist.group.WORLD) == [""]
+        values = []
+        for step in range(3):  # 4 rows per rank per step: 8 a step, the ring wraps
+            x, y = _memory_shard(step, rank)
+            values.append(memory(x, y).item())
+        torch.save((values, memory.state_dict()), Path(out) / f"memory_{rank}.pt")
+    finally:
+        ctx.destroy()
+
+
+def _memory_shard(step: int, rank: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(10 * step + rank)
+    return torch.randn(4, 3, generator=g), torch.tensor([0, 0, 1 + rank, 1 + rank])
+
+
+def test_ddp_cross_batch_memories_hold_the_global_batch_on_every_rank(tmp_path: Path) -> None:
+    """Each rank enqueues every rank's rows in rank order, so the memories are identical and
+    each rank's loss pairs its own shard with them: the same value as one process whose
+    memory was filled with the concatenated shards."""
+    from facemetric.losses.pair import NPairLoss
+
+    _spawn(_memory_worker, str(tmp_path))
+    (values0, state0), (values1, state1) = (torch.load(tmp_path / f"memory_{r}.pt")
+                                            for r in range(WORLD))
+    for key, value in state0.items():
+        assert torch.equal(value, state1[key]), key
+    rows = torch.cat([_memory_shard(s, r)[0] for s in range(3) for r in range(WORLD)])
+    labels = torch.cat([_memory_shard(s, r)[1] for s in range(3) for r in range(WORLD)])
+    held = state0["memory"][: int(state0["filled"])]
+    assert int(state0["filled"]) == 10 and int(state0["pointer"]) == 24 % 10
+    assert sorted(map(tuple, held.tolist())) == sorted(map(tuple, rows[-10:].tolist()))
+    assert sorted(state0["memory_labels"].tolist()) == sorted(labels[-10:].tolist())
+    for rank, values in enumerate((values0, values1)):  # this rank's shard against the
+        for step in range(3):  # global rows of the steps before, the last 10 of them
+            x, y = _memory_shard(step, rank)
+            before = slice(max(0, 8 * step - 10), 8 * step)
+            want = (NPairLoss()(x, y) if step == 0 else
+                    NPairLoss().reference_loss(x, y, rows[before], labels[before]))
+            assert values[step] == pytest.approx(want.item(), rel=1e-6), (rank, step)
+
+
 #: losses whose training-mode forward updates state from the batch (centres, scale)
 STATEFUL = {
     "center": {"name": "center", "lam": 0.5, "alpha": 0.5},

@@ -677,6 +677,38 @@ def test_resume_restores_stateful_losses_bit_exactly(faces, tmp_path, name):
         assert int(want["margin.iteration"]) == n
 
 
+def test_a_cross_batch_memory_resumes_exactly(faces, tmp_path):
+    """N-pair with a cross-batch memory: the queued embeddings, their labels and the ring's
+    counters are loss buffers, so a run killed after its checkpoint resumes with the memory
+    it had, and every later step pairs with the same rows."""
+    from facemetric.losses.pair.memory import CrossBatchMemory
+
+    torch.set_num_threads(1)
+    n = 9
+
+    def config(out: Path):
+        cfg = _config(faces, out, "npair", max_steps=n, checkpoint_every=4)
+        cfg.loss.miner, cfg.loss.params = None, {"l2_reg": 0.01}
+        cfg.loss.memory_size, cfg.loss.memory_start_step = 30, 2
+        return cfg
+
+    straight = train(config(tmp_path / "straight"), progress=False)
+    with pytest.raises(_KilledError):  # checkpoint at 4, killed at 6
+        train(config(tmp_path / "killed"), progress=False, on_step=_kill_after(6))
+    resumed = train(config(tmp_path / "killed"), resume=True, progress=False)
+    assert resumed.resumed_from == 4
+    assert isinstance(resumed.loss, CrossBatchMemory)
+    assert resumed.losses == straight.losses
+    want, got = straight.loss.state_dict(), resumed.loss.state_dict()
+    assert want.keys() == {"memory", "memory_labels", "pointer", "filled", "iteration"}
+    for key, value in want.items():
+        assert torch.equal(value, got[key]), key
+    for key, value in _params(straight.model).items():
+        assert torch.equal(value, _params(resumed.model)[key]), key
+    # 7 steps of 12 images enqueued (steps 2–8) into 30 rows: full, pointer at 84 mod 30
+    assert (int(want["iteration"]), int(want["filled"]), int(want["pointer"])) == (n, 30, 24)
+
+
 def test_a_caller_s_stop_checkpoints_that_step_and_resumes_exactly(faces, tmp_path,
                                                                      monkeypatch):
     """``on_step`` returning true ends the run at that step as at its last: the weights it

@@ -50,6 +50,7 @@ from facemetric.losses.margins import (
 )
 from facemetric.losses.pair import (
     ContrastiveLoss,
+    CrossBatchMemory,
     FacilityLocationLoss,
     HierarchicalTripletLoss,
     LiftedStructureLoss,
@@ -72,6 +73,7 @@ __all__ = [
     "ContrastiveLoss",
     "CosFaceLoss",
     "CosMargin",
+    "CrossBatchMemory",
     "DistillationObjective",
     "DynamicArcMargin",
     "DynamicMarginArcFaceLoss",

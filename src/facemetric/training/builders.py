@@ -30,6 +30,7 @@ from torch import nn
 
 from facemetric.losses.combined import WeightedLossSum
 from facemetric.losses.margins import Margin, MultiplicativeAngularMargin, NoMargin, WarmupMargin
+from facemetric.losses.pair.memory import CrossBatchMemory
 from facemetric.training.config import (
     AuxLossConfig,
     LossConfig,
@@ -216,11 +217,14 @@ def build_loss(
     each class, from :func:`class_counts_of`); a miner is only accepted for pair losses.
     Parameters are checked against the constructor. Without ``[loss] distance``, a loss
     class with a ``default_distance()`` (one whose margins have fixed units, e.g. the
-    hierarchical triplet loss) shares that distance with its miner.
+    hierarchical triplet loss) shares that distance with its miner. ``margin_warmup_steps``
+    wraps the margin (``WarmupMargin``), ``memory_size`` the whole loss
+    (``CrossBatchMemory``).
 
     Raises:
         ValueError: unknown loss/miner/distance, unknown or invalid parameters, a miner
-            given to a loss that does not take one, or a loss that needs ``class_counts``
+            given to a loss that does not take one, a memory for a loss that cannot pair
+            with one (or has a miner), or a loss that needs ``class_counts``
             built without them (or with a count per class other than ``num_classes``).
     """
     entry = loss_entry(config.name)
@@ -279,6 +283,15 @@ def build_loss(
                 "lambda_min); remove margin_warmup_steps"
             )
         loss.margin = WarmupMargin(margin, config.margin_warmup_steps)
+    if config.memory_size:
+        try:
+            loss = CrossBatchMemory(loss, embedding_size, config.memory_size,
+                                    config.memory_start_step)
+        except ValueError as err:
+            raise ValueError(f"{what}: memory_size: {err}") from err
+    elif config.memory_start_step:
+        raise ValueError(f"{what}: memory_start_step without memory_size; set the memory's "
+                         "size or remove memory_start_step")
     return loss
 
 

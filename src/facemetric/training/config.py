@@ -99,7 +99,9 @@ class LossConfig:
     names the distance shared by the loss and its miner (``cosine``, ``euclidean`` ...).
     ``margin_warmup_steps = N > 0`` wraps a margin loss's margin in
     :class:`~facemetric.losses.margins.WarmupMargin` (softmax at step 0, the full margin
-    from step ``N``).
+    from step ``N``). ``memory_size = M > 0`` wraps a pair loss (N-pair, contrastive) in
+    :class:`~facemetric.losses.pair.memory.CrossBatchMemory`: from step
+    ``memory_start_step`` on, each batch is also paired with the last ``M`` embeddings.
     """
 
     name: str = "arcface"
@@ -107,6 +109,8 @@ class LossConfig:
     miner_params: dict[str, Any] = field(default_factory=dict)
     distance: str | None = None
     margin_warmup_steps: int = 0
+    memory_size: int = 0
+    memory_start_step: int = 0
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -594,14 +598,20 @@ def check_config(config: TrainConfig, source: str = "config") -> None:
           f"side, got {a.pose_shift}")
     _need(m.embedding_size >= 1, f"{s}: [model] embedding_size must be >= 1")
     _need(bool(config.loss.name), f"{s}: [loss] name is required")
-    _need(config.loss.margin_warmup_steps >= 0, f"{s}: [loss] margin_warmup_steps must be >= 0")
+    for where, section in ((f"{s}: [loss]", config.loss),
+                           *((f"{s}: [[aux_loss]] {i}:", aux)
+                             for i, aux in enumerate(config.aux_loss, 1))):
+        _need(bool(section.name), f"{where} name is required")
+        for key in ("margin_warmup_steps", "memory_size", "memory_start_step"):
+            _need(getattr(section, key) >= 0,
+                  f"{where} {key} must be >= 0, got {getattr(section, key)}")
+        _need(section.memory_size > 0 or section.memory_start_step == 0,
+              f"{where} memory_start_step is set without memory_size: set the memory's size "
+              "or remove memory_start_step")
     for i, aux in enumerate(config.aux_loss, 1):
-        where = f"{s}: [[aux_loss]] {i}"
-        _need(bool(aux.name), f"{where}: name is required")
         _need(math.isfinite(aux.weight) and aux.weight > 0,
-              f"{where}: weight must be a finite number > 0, got {aux.weight} (remove the "
-              "section to drop the term)")
-        _need(aux.margin_warmup_steps >= 0, f"{where}: margin_warmup_steps must be >= 0")
+              f"{s}: [[aux_loss]] {i}: weight must be a finite number > 0, got {aux.weight} "
+              "(remove the section to drop the term)")
     if config.aux_loss:
         _need(config.partial_fc.sample_rate is None,
               f"{s}: [[aux_loss]] does not combine with [partial_fc] (its sharded centres are "

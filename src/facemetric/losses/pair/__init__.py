@@ -1,4 +1,5 @@
-"""Pair and tuple losses: ``loss(embeddings, labels, tuples=None)``."""
+"""Pair and tuple losses: ``loss(embeddings, labels, tuples=None)``; ``CrossBatchMemory``
+pairs a batch with the embeddings of earlier batches too."""
 
 from facemetric.losses.pair.base import TupleLoss
 from facemetric.losses.pair.contrastive import ContrastiveLoss
@@ -10,6 +11,7 @@ from facemetric.losses.pair.hierarchical_triplet import (
 )
 from facemetric.losses.pair.lifted_structure import LiftedStructureLoss
 from facemetric.losses.pair.magnet import MagnetBatchSampler, MagnetClusterIndex, MagnetLoss
+from facemetric.losses.pair.memory import CrossBatchMemory
 from facemetric.losses.pair.multi_similarity import MultiSimilarityLoss
 from facemetric.losses.pair.npair import NPairLoss
 from facemetric.losses.pair.quadruplet import QuadrupletLoss
@@ -19,6 +21,7 @@ __all__ = [
     "AnchorNeighborSampler",
     "ClassTree",
     "ContrastiveLoss",
+    "CrossBatchMemory",
     "FacilityLocationLoss",
     "HierarchicalTripletLoss",
     "LiftedStructureLoss",

@@ -1,7 +1,7 @@
-"""Cross-batch memory: the N-pair and contrastive losses against references (float64 loops
-over batch × (batch ∪ memory) pairs, with scalar ops so that their gradients are references
-too), against pytorch-metric-learning's ``CrossBatchMemory``, and the memory's FIFO,
-schedule, state and refusals."""
+"""Cross-batch memory: the N-pair and contrastive losses against a memory (float64 loops
+over batch × memory pairs, with scalar ops so that their gradients are references too, and
+pytorch-metric-learning's NT-Xent and contrastive losses with ``ref_emb``), and the memory's
+sum, FIFO, schedule, state and refusals."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from facemetric.miners.batch_hard import BatchHardMiner
 from facemetric.training.builders import build_loss
 from facemetric.training.config import config_from_dict
 
-BATCH = [0, 0, 1, 1, 1, 2, 2, 5]  # 5 has no partner in the batch, but one in the memory
-MEMORY = [1, 3, 3, 0, 4, 5, 2, 4, 0]  # identities of the batch and others
+BATCH = [0, 0, 1, 1, 1, 2, 2, 5]  # 2 has no row in the memory
+MEMORY = [1, 3, 3, 0, 4, 5, 1, 4, 0]  # identities of the batch and others
 
 
 def _data(dim: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
@@ -30,12 +30,6 @@ def _data(dim: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torc
     x = torch.randn(len(BATCH), dim, generator=g, dtype=torch.float64)
     m = torch.randn(len(MEMORY), dim, generator=g, dtype=torch.float64)
     return x, torch.tensor(BATCH), m, torch.tensor(MEMORY)
-
-
-def _columns(x, m):
-    """Every column as (vector, label, index in the batch or None)."""
-    return ([(x[j], BATCH[j], j) for j in range(len(BATCH))]
-            + [(m[j], MEMORY[j], None) for j in range(len(MEMORY))])
 
 
 def _sim(u, v, kind):
@@ -48,36 +42,27 @@ def _sim(u, v, kind):
     return -torch.sqrt(sum((u[k] - v[k]) ** 2 for k in range(len(u))))
 
 
-def _npair_loop(x, m, l2_reg, kind):
-    """ℓ(a, p) = log(1 + Σ_n exp(s_an − s_ap)) over a ∈ batch, p ∈ batch ∪ memory of a's
-    identity (p ≠ a); n: batch samples of another identity with a batch partner, and every
-    memory row of another identity."""
-    partnered = {j for j in range(len(BATCH)) if BATCH.count(BATCH[j]) > 1}
-    cols = _columns(x, m)
-    total, count, used = 0, 0, set()
-    for a in range(len(BATCH)):
-        for v, label, j in cols:
-            if label != BATCH[a] or j == a:
-                continue
-            s_ap = _sim(x[a], v, kind)
-            inner = 0
-            for w, other, i in cols:
-                if other != BATCH[a] and (i is None or i in partnered):
-                    inner = inner + torch.exp(_sim(x[a], w, kind) - s_ap)
-            total, count = total + torch.log(1 + inner), count + 1
-            used.add(a)
-    reg = sum(sum(x[i, k] ** 2 for k in range(x.shape[1])) for i in used) / len(used)
-    return total / count + l2_reg * reg
-
-
-def _contrastive_loop(x, m, mp, mn, squared):
+def _npair_loop(x, labels, m, memory_labels, kind):
+    """ℓ(a, r) = log(1 + Σ_n exp(s_an − s_ar)): a in the batch, r a memory row of a's
+    identity, n the memory rows of other identities; the mean over (a, r)."""
     total, count = 0, 0
-    for a in range(len(BATCH)):
-        for v, label, j in _columns(x, m):
-            if j == a:
+    for a in range(len(labels)):
+        for r in range(len(memory_labels)):
+            if memory_labels[r] != labels[a]:
                 continue
-            d = -_sim(x[a], v, "euclidean")
-            h = torch.clamp(d - mp if label == BATCH[a] else mn - d, min=0)
+            s_ar = _sim(x[a], m[r], kind)
+            inner = sum(torch.exp(_sim(x[a], m[n], kind) - s_ar)
+                        for n in range(len(memory_labels)) if memory_labels[n] != labels[a])
+            total, count = total + torch.log(1 + inner), count + 1
+    return total / count
+
+
+def _contrastive_loop(x, labels, m, memory_labels, mp, mn, squared):
+    total, count = 0, 0
+    for a in range(len(labels)):
+        for r in range(len(memory_labels)):
+            d = -_sim(x[a], m[r], "euclidean")
+            h = torch.clamp(d - mp if memory_labels[r] == labels[a] else mn - d, min=0)
             total, count = total + (h * h if squared else h), count + 1
     return total / count
 
@@ -90,68 +75,62 @@ def _value_and_grad(fn, x):
 
 
 @pytest.mark.parametrize("kind", [None, "euclidean", "cosine"])
-def test_npair_with_references_matches_the_loop(kind):
+def test_npair_against_references_matches_the_loop(kind):
     x, y, m, my = _data()
     distance = {None: None, "euclidean": EuclideanDistance(), "cosine": CosineDistance()}[kind]
-    loss = NPairLoss(l2_reg=0.3, distance=distance)
+    loss = NPairLoss(l2_reg=0.3, distance=distance)  # no regulariser in the memory term
     m_leaf = m.clone().requires_grad_(True)  # a memory never gets a gradient
     got, got_grad = _value_and_grad(lambda t: loss.reference_loss(t, y, m_leaf, my), x)
-    want, want_grad = _value_and_grad(lambda t: _npair_loop(t, m, 0.3, kind), x)
+    want, want_grad = _value_and_grad(lambda t: _npair_loop(t, BATCH, m, MEMORY, kind), x)
     assert got.item() == pytest.approx(want.item(), rel=1e-10)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-8, atol=1e-10)
     assert m_leaf.grad is None
 
 
-def test_npair_with_no_references_is_the_plain_loss():
-    x, y, _, _ = _data()
-    loss = NPairLoss(l2_reg=0.3)
-    empty = torch.zeros(0, x.shape[1], dtype=x.dtype)
-    got, got_grad = _value_and_grad(
-        lambda t: loss.reference_loss(t, y, empty, torch.zeros(0, dtype=torch.int64)), x)
-    want, want_grad = _value_and_grad(lambda t: loss(t, y), x)
-    assert got.item() == pytest.approx(want.item(), rel=1e-12)
-    torch.testing.assert_close(got_grad, want_grad, rtol=1e-10, atol=1e-12)
+def test_npair_against_references_is_pml_ntxent_with_inner_products():
+    x, y, m, my = _data(dim=6, seed=5)
+    ntxent = pml_losses.NTXentLoss(temperature=1.0, distance=pml_distances.DotProductSimilarity(
+                                       normalize_embeddings=False),
+                                   reducer=pml_reducers.MeanReducer())
+    want = ntxent(x, y, ref_emb=m, ref_labels=my)
+    assert NPairLoss().reference_loss(x, y, m, my).item() == pytest.approx(want.item(), rel=1e-9)
 
 
 @pytest.mark.parametrize("squared", [False, True])
-def test_contrastive_with_references_matches_the_loop(squared):
+def test_contrastive_against_references_matches_the_loop_and_pml(squared):
     x, y, m, my = _data(seed=1)
     loss = ContrastiveLoss(pos_margin=0.5, neg_margin=2.5, squared=squared)
     got, got_grad = _value_and_grad(lambda t: loss.reference_loss(t, y, m, my), x)
-    want, want_grad = _value_and_grad(lambda t: _contrastive_loop(t, m, 0.5, 2.5, squared), x)
+    want, want_grad = _value_and_grad(
+        lambda t: _contrastive_loop(t, BATCH, m, MEMORY, 0.5, 2.5, squared), x)
     assert got.item() == pytest.approx(want.item(), rel=1e-10)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-8, atol=1e-10)
+    if not squared:  # pml's per-pair hinges against ref_emb, reduced as one mean
+        pml = pml_losses.ContrastiveLoss(
+            pos_margin=0.5, neg_margin=2.5,
+            distance=pml_distances.LpDistance(normalize_embeddings=False),
+            reducer=pml_reducers.DoNothingReducer())
+        terms = pml(x, y, ref_emb=m, ref_labels=my)
+        p, n = terms["pos_loss"]["losses"], terms["neg_loss"]["losses"]
+        assert p.numel() + n.numel() == len(BATCH) * len(MEMORY)
+        assert got.item() == pytest.approx(((p.sum() + n.sum()) / (p.numel() + n.numel())).item(),
+                                           rel=1e-9)
 
 
-def test_gradcheck_through_the_references():
+def test_gradcheck_against_references():
     x, y, m, my = _data(dim=3, seed=2)
     for loss in (NPairLoss(l2_reg=0.1), ContrastiveLoss(pos_margin=0.3, neg_margin=4.0)):
         assert torch.autograd.gradcheck(lambda t, f=loss: f.reference_loss(t, y, m, my),
                                         (x.clone().requires_grad_(True),))
 
 
-def test_a_memory_run_matches_pml_cross_batch_memory():
-    """Three batches through our memory of 10 rows and through pml's of 10 + 8 (pml's queue
-    holds the current batch too): the same pairs and per-pair hinges at every step."""
-    g = torch.Generator().manual_seed(3)
-    ours = CrossBatchMemory(ContrastiveLoss(pos_margin=0.4, neg_margin=2.0), 6, size=10)
-    pml = pml_losses.CrossBatchMemory(
-        pml_losses.ContrastiveLoss(pos_margin=0.4, neg_margin=2.0,
-                                   distance=pml_distances.LpDistance(normalize_embeddings=False),
-                                   reducer=pml_reducers.DoNothingReducer()),
-        embedding_size=6, memory_size=18)
-    for step in range(4):
-        x = torch.randn(8, 6, generator=g, dtype=torch.float64)
-        y = torch.randint(0, 4, (8,), generator=g)
-        y[:2] = step  # a positive pair in every batch
-        value = ours(x.float(), y)
-        terms = pml(x.float(), y)
-        p, n = terms["pos_loss"]["losses"], terms["neg_loss"]["losses"]
-        p = p if p.dim() else p.new_zeros(0)  # pml's "no pairs" is a 0-d zero
-        n = n if n.dim() else n.new_zeros(0)
-        want = (p.sum() + n.sum()) / (p.numel() + n.numel())
-        assert p.numel() + n.numel() == 8 * (8 - 1 + min(10, 8 * step))
-        assert value.item() == pytest.approx(want.item(), rel=1e-5), step
+def test_no_positive_or_no_reference_gives_a_connected_zero():
+    x, y, m, _ = _data()
+    x.requires_grad_(True)
+    others = torch.full((len(MEMORY),), 99)
+    for value in (NPairLoss().reference_loss(x, y, m, others),
+                  ContrastiveLoss().reference_loss(x, y, m[:0], others[:0])):
+        assert value.item() == 0.0 and value.requires_grad
 
 
 def _toy_batches(n: int, rows: int = 6, dim: int = 4):
@@ -163,18 +142,19 @@ def _toy_batches(n: int, rows: int = 6, dim: int = 4):
 
 
 def test_the_memory_is_a_fifo_switched_on_at_start_step():
+    """L = ℓ(batch) + λ·ℓ_R(batch; the rows enqueued before this step, the last 10), with
+    ℓ_R from a plain-float loop; nothing is read or written before start_step."""
     inner = ContrastiveLoss(pos_margin=0.2, neg_margin=1.5)
-    memory = CrossBatchMemory(inner, 4, size=10, start_step=2)
+    memory = CrossBatchMemory(inner, 4, size=10, start_step=2, weight=0.5)
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     for step, (x, y) in enumerate(_toy_batches(6)):
         value = memory(x, y)
-        if step <= 2:  # before start_step, and at it with an empty memory: the plain loss
-            assert value.item() == pytest.approx(inner(x, y).item(), rel=1e-6)
-        else:
+        want = inner(x, y).item()
+        if step > 2:  # before start_step, and at it with an empty memory: the plain loss
             rows = torch.cat([r for r, _ in seen])[-10:]
             labels = torch.cat([lab for _, lab in seen])[-10:]
-            want = _contrastive_loop_on(x, y, rows, labels, 0.2, 1.5)
-            assert value.item() == pytest.approx(want, rel=1e-5), step
+            want += 0.5 * _contrastive_hinges(x, y, rows, labels, 0.2, 1.5)
+        assert value.item() == pytest.approx(want, rel=1e-5), step
         if step >= 2:
             seen.append((x, y))
         assert int(memory.iteration) == step + 1
@@ -186,18 +166,32 @@ def test_the_memory_is_a_fifo_switched_on_at_start_step():
     assert int(memory.pointer) == (6 * 4) % 10
 
 
-def _contrastive_loop_on(x, y, rows, labels, mp, mn) -> float:
-    cols = [(x[j], int(y[j]), j) for j in range(len(y))] + [
-        (rows[j], int(labels[j]), None) for j in range(len(labels))]
-    total, count = 0.0, 0
+def _contrastive_hinges(x, y, rows, labels, mp, mn) -> float:
+    """The mean hinge over every (batch, row) pair, in Python floats."""
+    total = 0.0
     for a in range(len(y)):
-        for v, label, j in cols:
-            if j == a:
-                continue
-            d = math.dist(x[a].tolist(), v.tolist())
-            total += max(0.0, d - mp if label == int(y[a]) else mn - d)
-            count += 1
-    return total / count
+        for r in range(len(labels)):
+            d = math.dist(x[a].tolist(), rows[r].tolist())
+            total += max(0.0, d - mp if int(labels[r]) == int(y[a]) else mn - d)
+    return total / (len(y) * len(labels))
+
+
+def test_the_gradient_after_the_enqueue_is_that_of_the_memory_before_it():
+    """The step's rows are written into the ring inside the forward; the backward pass that
+    follows must still see the rows the loss was computed on."""
+    batches = list(_toy_batches(3))
+    memory = CrossBatchMemory(NPairLoss(), 4, size=8, weight=2.0)
+    memory(*batches[0])
+    before_rows = memory.memory[: int(memory.filled)].clone()
+    before_labels = memory.memory_labels[: int(memory.filled)].clone()
+    x, y = batches[1]
+    got, got_grad = _value_and_grad(lambda t: memory(t, y), x)
+    want, want_grad = _value_and_grad(
+        lambda t: NPairLoss()(t, y) + 2.0 * NPairLoss().reference_loss(t, y, before_rows,
+                                                                       before_labels), x)
+    assert not torch.equal(memory.memory[: int(memory.filled)], before_rows)  # it was written
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    torch.testing.assert_close(got_grad, want_grad)
 
 
 def test_evaluation_mode_reads_the_memory_and_changes_nothing():
@@ -240,6 +234,8 @@ def test_a_batch_larger_than_the_memory_keeps_its_last_rows():
     (lambda: CrossBatchMemory(NPairLoss(), 4, 0), "size must be an integer >= 1"),
     (lambda: CrossBatchMemory(NPairLoss(), 4, 8, start_step=-1), "start_step must be"),
     (lambda: CrossBatchMemory(NPairLoss(), 4, True), "size must be an integer"),
+    (lambda: CrossBatchMemory(NPairLoss(), 4, 8, weight=0.0), "weight must be a finite"),
+    (lambda: CrossBatchMemory(NPairLoss(), 4, 8, weight=math.nan), "weight must be a finite"),
 ])
 def test_refusals(build, match):
     with pytest.raises(ValueError, match=match):
@@ -260,15 +256,19 @@ def _loss_config(**loss):
 
 
 def test_a_config_builds_the_memory():
-    loss = build_loss(_loss_config(memory_size=64, memory_start_step=5, l2_reg=0.01), 10, 16)
+    loss = build_loss(_loss_config(memory_size=64, memory_start_step=5, memory_weight=0.5,
+                                   l2_reg=0.01), 10, 16)
     assert isinstance(loss, CrossBatchMemory) and isinstance(loss.loss, NPairLoss)
-    assert (loss.size, loss.start_step, tuple(loss.memory.shape)) == (64, 5, (64, 16))
+    assert (loss.size, loss.start_step, loss.weight, tuple(loss.memory.shape)) == (
+        64, 5, 0.5, (64, 16))
     assert loss.loss.l2_reg == 0.01
 
 
 @pytest.mark.parametrize(("loss", "match"), [
     ({"memory_start_step": 5}, "memory_start_step is set without memory_size"),
+    ({"memory_weight": 2.0}, "memory_weight is set without memory_size"),
     ({"memory_size": -1}, "memory_size must be >= 0"),
+    ({"memory_size": 8, "memory_weight": 0.0}, "memory_weight must be a finite number > 0"),
 ])
 def test_config_refusals(loss, match):
     with pytest.raises(ValueError, match=match):

@@ -286,12 +286,12 @@ def build_loss(
     if config.memory_size:
         try:
             loss = CrossBatchMemory(loss, embedding_size, config.memory_size,
-                                    config.memory_start_step)
+                                    config.memory_start_step, config.memory_weight)
         except ValueError as err:
             raise ValueError(f"{what}: memory_size: {err}") from err
-    elif config.memory_start_step:
-        raise ValueError(f"{what}: memory_start_step without memory_size; set the memory's "
-                         "size or remove memory_start_step")
+    elif config.memory_start_step or config.memory_weight != 1.0:
+        raise ValueError(f"{what}: memory_start_step or memory_weight without memory_size; "
+                         "set the memory's size or remove them")
     return loss
 
 

@@ -101,7 +101,8 @@ class LossConfig:
     :class:`~facemetric.losses.margins.WarmupMargin` (softmax at step 0, the full margin
     from step ``N``). ``memory_size = M > 0`` wraps a pair loss (N-pair, contrastive) in
     :class:`~facemetric.losses.pair.memory.CrossBatchMemory`: from step
-    ``memory_start_step`` on, each batch is also paired with the last ``M`` embeddings.
+    ``memory_start_step`` on, the loss of the batch against the last ``M`` embeddings, times
+    ``memory_weight``, is added.
     """
 
     name: str = "arcface"
@@ -111,6 +112,7 @@ class LossConfig:
     margin_warmup_steps: int = 0
     memory_size: int = 0
     memory_start_step: int = 0
+    memory_weight: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -605,9 +607,12 @@ def check_config(config: TrainConfig, source: str = "config") -> None:
         for key in ("margin_warmup_steps", "memory_size", "memory_start_step"):
             _need(getattr(section, key) >= 0,
                   f"{where} {key} must be >= 0, got {getattr(section, key)}")
-        _need(section.memory_size > 0 or section.memory_start_step == 0,
-              f"{where} memory_start_step is set without memory_size: set the memory's size "
-              "or remove memory_start_step")
+        _need(math.isfinite(section.memory_weight) and section.memory_weight > 0,
+              f"{where} memory_weight must be a finite number > 0, got {section.memory_weight}")
+        for key, default in (("memory_start_step", 0), ("memory_weight", 1.0)):
+            _need(section.memory_size > 0 or getattr(section, key) == default,
+                  f"{where} {key} is set without memory_size: set the memory's size or "
+                  f"remove {key}")
     for i, aux in enumerate(config.aux_loss, 1):
         _need(math.isfinite(aux.weight) and aux.weight > 0,
               f"{s}: [[aux_loss]] {i}: weight must be a finite number > 0, got {aux.weight} "

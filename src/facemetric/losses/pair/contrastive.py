@@ -8,7 +8,6 @@ from torch import Tensor
 
 from facemetric.distances import Distance
 from facemetric.losses.pair.base import TupleLoss, zero_loss
-from facemetric.losses.pair.memory import reference_masks
 from facemetric.miners.base import Miner
 from facemetric.tuples import Pairs, Triplets, as_pairs, same_label_mask
 from facemetric.validation import check_embeddings
@@ -93,25 +92,20 @@ class ContrastiveLoss(TupleLoss):
     def reference_loss(
         self, embeddings: Tensor, labels: Tensor, references: Tensor, reference_labels: Tensor
     ) -> Tensor:
-        """The loss over the pairs ``(a, j)``: ``a`` in the batch, ``j`` another sample of
-        the batch or a row of ``references`` (``(M, D)``, no gradient — a cross-batch
-        memory's rows), each positive or negative by label; the mean over all of them, as
-        without references (which gives the default, ``tuples=None``, loss). A miner is not
-        used here. No pair at all gives a 0 that keeps the graph.
+        """The loss over the pairs ``(a, r)`` of a batch anchor and a row of ``references``
+        (``(M, D)``, no gradient — a cross-batch memory's rows), positive or negative by
+        label: the mean of their hinge terms. No miner. No reference gives a 0 that keeps the
+        graph.
         """
         check_embeddings(embeddings, labels)
-        references = references.detach().to(embeddings.dtype)
-        dist = self.distance.matrix(embeddings, torch.cat([embeddings, references]))
-        pos, neg = reference_masks(labels, reference_labels)
-        count = pos.sum() + neg.sum()
-        if int(count) == 0:
+        if references.shape[0] == 0:
             return zero_loss(embeddings)
-        terms = torch.where(
-            pos, dist - self.pos_margin, torch.where(neg, self.neg_margin - dist, 0.0)
-        ).relu()
+        dist = self.distance.matrix(embeddings, references.detach().to(embeddings.dtype))
+        same = labels[:, None] == reference_labels.to(labels.device)[None, :]
+        terms = torch.where(same, dist - self.pos_margin, self.neg_margin - dist).relu()
         if self.squared:
             terms = terms * terms
-        return terms.sum() / count
+        return terms.mean()
 
 
 __all__ = ["ContrastiveLoss"]

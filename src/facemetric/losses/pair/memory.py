@@ -7,11 +7,13 @@ next), the embeddings of the last few thousand images are nearly what the curren
 would compute, so a pair loss can take them as extra references at the price of one
 ``B × M`` matrix product instead of ``M`` forward passes. The memory is a FIFO queue of
 detached embeddings and their labels; the paper switches it on after a warm-up (its
-``start_step`` here) because the early network drifts fast.
+``start_step`` here) because the early network drifts fast, and adds the memory's loss to
+the batch's own rather than mixing the two sets of pairs in one loss.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -28,27 +30,33 @@ class ReferenceLoss(Protocol):
     def reference_loss(
         self, embeddings: Tensor, labels: Tensor, references: Tensor, reference_labels: Tensor
     ) -> Tensor:
-        """The loss over the pairs ``(a, j)``: ``a`` in the batch, ``j`` in the batch
-        (``j ≠ a``) or among ``references`` (``(M, D)``, detached)."""
+        """The loss over the pairs ``(a, r)``: ``a`` in the batch, ``r`` a row of
+        ``references`` (``(M, D)``, no gradient)."""
         ...
 
 
 class CrossBatchMemory(CrossRankStatistics, nn.Module):
-    """A pair loss whose batch is also paired with the last ``size`` embeddings it saw::
+    """A pair loss on the batch plus the same loss between the batch and the last ``size``
+    embeddings seen (Wang et al. 2020, their Algorithm 1)::
 
-        L(x, y) = ℓ(x, y; R)     R = the memory's (embedding, label) rows, no gradient
+        L(x, y) = ℓ(x, y) + λ · ℓ_R(x, y; R)     R = the memory's (embedding, label) rows
 
-    where ``ℓ(·; R)`` is the wrapped loss's :meth:`ReferenceLoss.reference_loss`: every
-    anchor of the batch is paired with the other samples of the batch and with every row of
-    ``R`` — a row of the same identity is a positive, any other a negative.
+    ``ℓ`` is the wrapped loss on the batch alone, ``ℓ_R`` its
+    :meth:`ReferenceLoss.reference_loss`: every anchor of the batch against every row of
+    ``R`` — a row of the same identity is a positive, any other a negative. ``R`` carries no
+    gradient, so ``ℓ_R`` moves the anchors only. (Pairing the batch with ``R`` inside *one*
+    N-pair softmax instead was tried and fails: the batch positives are pulled towards their
+    anchors while the pushes on the negatives go almost all to memory rows, which cannot
+    move, so every embedding drifts along one shared direction — measured: norms 9 → 32 in
+    400 steps, the mean vector holding all but 0.4% of the norm; docs/benchmarks.md.)
 
     **Schedule**: a training-mode forward counts a step (buffer ``iteration``). Before
-    ``start_step`` the memory is neither read nor written and the value is the wrapped loss
-    alone. From ``start_step`` on, each training-mode forward computes the loss against the
-    memory *as it was before the call* and then enqueues the batch (detached), overwriting the
-    oldest rows once ``size`` are held (a FIFO ring: buffer ``pointer`` is the next row to
-    write, ``filled`` the rows held). An evaluation-mode forward reads the memory and changes
-    nothing.
+    ``start_step`` the memory is neither read nor written and ``L = ℓ``. From ``start_step``
+    on, each training-mode forward computes ``ℓ_R`` against the memory *as it was before the
+    call* (empty at first: ``L = ℓ``) and then enqueues the batch (detached), overwriting
+    the oldest rows once ``size`` are held (a FIFO ring: buffer ``pointer`` is the next row
+    to write, ``filled`` the rows held). An evaluation-mode forward reads the memory and
+    changes nothing.
 
     **State**: the rows, labels and counters are buffers, so checkpoints hold them and a
     resumed run continues exactly. Under data parallelism (``statistics_group`` set by the
@@ -63,6 +71,7 @@ class CrossBatchMemory(CrossRankStatistics, nn.Module):
         size: ``M``, the rows the memory holds (≥ 1); the paper uses a few thousand to the
             whole dataset.
         start_step: the training step from which the memory is used (≥ 0).
+        weight: ``λ`` (finite, > 0; the paper's 1).
     """
 
     memory: Tensor
@@ -72,7 +81,12 @@ class CrossBatchMemory(CrossRankStatistics, nn.Module):
     iteration: Tensor
 
     def __init__(
-        self, loss: nn.Module, embedding_size: int, size: int, start_step: int = 0
+        self,
+        loss: nn.Module,
+        embedding_size: int,
+        size: int,
+        start_step: int = 0,
+        weight: float = 1.0,
     ) -> None:
         super().__init__()
         if not isinstance(loss, ReferenceLoss):
@@ -91,7 +105,12 @@ class CrossBatchMemory(CrossRankStatistics, nn.Module):
             if isinstance(value, bool) or int(value) != value or value < low:
                 raise ValueError(f"CrossBatchMemory: {name} must be an integer >= {low}, "
                                  f"got {value!r}")
+        if isinstance(weight, bool) or not (isinstance(weight, int | float)
+                                            and math.isfinite(weight) and weight > 0):
+            raise ValueError(f"CrossBatchMemory: weight must be a finite number > 0, got "
+                             f"{weight!r}")
         self.loss = loss
+        self.weight = float(weight)
         self.size = int(size)
         self.start_step = int(start_step)
         self.register_buffer("memory", torch.zeros(self.size, int(embedding_size)))
@@ -115,12 +134,12 @@ class CrossBatchMemory(CrossRankStatistics, nn.Module):
             )
         active = self.active
         held = int(self.filled)
+        value = self.loss(embeddings, labels)
         if active and held > 0:
-            value = self.loss.reference_loss(
-                embeddings, labels, self.memory[:held], self.memory_labels[:held]
+            # copies: the graph keeps them for the backward pass, the enqueue below writes
+            value = value + self.weight * self.loss.reference_loss(
+                embeddings, labels, self.memory[:held].clone(), self.memory_labels[:held].clone()
             )
-        else:
-            value = self.loss(embeddings, labels)
         if self.training:
             if active:
                 rows, row_labels = gather_rows([embeddings.detach(), labels],
@@ -141,20 +160,7 @@ class CrossBatchMemory(CrossRankStatistics, nn.Module):
         self.filled.fill_(min(self.size, int(self.filled) + n))
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, start_step={self.start_step}"
+        return f"size={self.size}, start_step={self.start_step}, weight={self.weight:g}"
 
 
-def reference_masks(
-    labels: Tensor, reference_labels: Tensor
-) -> tuple[Tensor, Tensor]:
-    """``(B, B + M)`` boolean masks of positive and negative pairs between a batch and the
-    columns ``[batch, references]``: same label (the anchor's own column excluded), and
-    different label."""
-    columns = torch.cat([labels, reference_labels.to(labels.device)])
-    same = labels[:, None] == columns[None, :]
-    pos = same.clone()
-    pos[:, : labels.numel()].fill_diagonal_(False)
-    return pos, ~same
-
-
-__all__ = ["CrossBatchMemory", "ReferenceLoss", "reference_masks"]
+__all__ = ["CrossBatchMemory", "ReferenceLoss"]

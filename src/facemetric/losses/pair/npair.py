@@ -11,7 +11,6 @@ from torch.autograd.function import FunctionCtx
 from facemetric.distances import Distance
 from facemetric.losses.pair.base import TupleLoss, zero_loss
 from facemetric.losses.pair.lifted_structure import flush_subnormal_grad, masked_logsumexp
-from facemetric.losses.pair.memory import reference_masks
 from facemetric.miners.base import Miner
 from facemetric.tuples import Pairs, Triplets, as_pairs, same_label_mask
 from facemetric.validation import check_embeddings
@@ -96,33 +95,30 @@ class NPairLoss(TupleLoss):
     def reference_loss(
         self, embeddings: Tensor, labels: Tensor, references: Tensor, reference_labels: Tensor
     ) -> Tensor:
-        """The loss with ``references`` (``(M, D)``, no gradient — a cross-batch memory's
-        rows) as further candidates: for anchor ``a``, ``P`` holds ``(a, p)`` for ``p`` of
-        ``a``'s identity in the batch (``p ≠ a``) or among the references, and ``N(a)`` the
-        batch samples of another identity that have a partner in the batch and every
-        reference of another identity. The regulariser covers the batch samples in some pair
-        of ``P``. With no references this is the default (``tuples=None``) loss; a miner is
-        not used here. No positive pair at all gives a 0 that keeps the graph.
+        """The N-pair loss of the batch's anchors against ``references`` (``(M, D)``, no
+        gradient — a cross-batch memory's rows)::
+
+            ℓ_R = 1/|P_R| Σ_{(a,r)∈P_R} log(1 + Σ_{n∈N_R(a)} exp(s_an − s_ar))
+
+        ``P_R``: every anchor ``a`` of the batch with every reference ``r`` of its identity;
+        ``N_R(a)``: the references of other identities. No regulariser (the batch's own loss
+        has it) and no miner. No positive pair gives a 0 that keeps the graph. With inner
+        products and temperature 1 this is pytorch-metric-learning's NT-Xent against
+        ``ref_emb``.
         """
         check_embeddings(embeddings, labels)
         references = references.detach().to(embeddings.dtype)
-        columns = torch.cat([embeddings, references])
         if self.inner_product:
-            sim = embeddings @ columns.T
+            sim = embeddings @ references.T
         else:
-            sim = -self.distance.matrix(embeddings, columns)
+            sim = -self.distance.matrix(embeddings, references)
         flush_subnormal_grad(sim)
-        pos, neg = reference_masks(labels, reference_labels)
-        if not bool(pos.any()):
+        same = labels[:, None] == reference_labels.to(labels.device)[None, :]
+        if not bool(same.any()):
             return zero_loss(embeddings)
-        batch_pos, _ = same_label_mask(labels)
-        neg[:, : labels.numel()] &= batch_pos.any(1)[None, :]
-        lse = masked_logsumexp(sim, neg)
+        lse = masked_logsumexp(sim, ~same)
         terms = F.softplus(lse[:, None] - sim)
-        data = torch.where(pos, terms, 0.0).sum() / pos.sum()
-        if self.l2_reg == 0.0:
-            return data
-        return data + self._norm_penalty(embeddings, pos.any(1))
+        return torch.where(same, terms, 0.0).sum() / same.sum()
 
     def _norm_penalty(self, embeddings: Tensor, in_pair: Tensor) -> Tensor:
         """``λ`` times the mean squared norm over the samples in ``in_pair``."""

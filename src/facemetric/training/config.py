@@ -599,7 +599,6 @@ def check_config(config: TrainConfig, source: str = "config") -> None:
     _need(0.0 <= a.pose_shift < 1.0, f"{s}: [augment] pose_shift must be in [0, 1) of the "
           f"side, got {a.pose_shift}")
     _need(m.embedding_size >= 1, f"{s}: [model] embedding_size must be >= 1")
-    _need(bool(config.loss.name), f"{s}: [loss] name is required")
     for where, section in ((f"{s}: [loss]", config.loss),
                            *((f"{s}: [[aux_loss]] {i}:", aux)
                              for i, aux in enumerate(config.aux_loss, 1))):

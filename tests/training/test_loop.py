@@ -643,6 +643,25 @@ STATEFUL_LOSSES = {
 }
 
 
+def _killed_and_resumed_loss_state(config, tmp_path: Path) -> nn.Module:
+    """Train ``config(out)`` straight, and again killed at step 6 (after its checkpoint at 4)
+    and resumed; assert the resumed run's losses, loss state and weights equal the straight
+    run's bit for bit, and return the straight run's loss module."""
+    straight = train(config(tmp_path / "straight"), progress=False)
+    with pytest.raises(_KilledError):
+        train(config(tmp_path / "killed"), progress=False, on_step=_kill_after(6))
+    resumed = train(config(tmp_path / "killed"), resume=True, progress=False)
+    assert resumed.resumed_from == 4
+    assert resumed.losses == straight.losses
+    want, got = straight.loss.state_dict(), resumed.loss.state_dict()
+    assert want.keys() == got.keys()
+    for key, value in want.items():
+        assert torch.equal(value, got[key]), key
+    for key, value in _params(straight.model).items():
+        assert torch.equal(value, _params(resumed.model)[key]), key
+    return straight.loss
+
+
 @pytest.mark.parametrize("name", sorted(STATEFUL_LOSSES))
 def test_resume_restores_stateful_losses_bit_exactly(faces, tmp_path, name):
     """Center loss's centres, AdaCos's dynamic scale and SphereFace's annealing counter are
@@ -656,18 +675,7 @@ def test_resume_restores_stateful_losses_bit_exactly(faces, tmp_path, name):
         cfg.loss.name, cfg.loss.params = name, dict(STATEFUL_LOSSES[name])
         return cfg
 
-    straight = train(config(tmp_path / "straight"), progress=False)
-    with pytest.raises(_KilledError):  # checkpoint at 4, killed at 6
-        train(config(tmp_path / "killed"), progress=False, on_step=_kill_after(6))
-    resumed = train(config(tmp_path / "killed"), resume=True, progress=False)
-    assert resumed.resumed_from == 4
-    assert resumed.losses == straight.losses
-    want, got = straight.loss.state_dict(), resumed.loss.state_dict()
-    assert want.keys() == got.keys()
-    for key, value in want.items():
-        assert torch.equal(value, got[key]), key
-    for key, value in _params(straight.model).items():
-        assert torch.equal(value, _params(resumed.model)[key]), key
+    want = _killed_and_resumed_loss_state(config, tmp_path).state_dict()
     # the state really is state: it moved during the run
     if name == "center":
         assert bool(want["centers"].abs().sum(dim=1).gt(0).all())
@@ -692,19 +700,10 @@ def test_a_cross_batch_memory_resumes_exactly(faces, tmp_path):
         cfg.loss.memory_size, cfg.loss.memory_start_step = 30, 2
         return cfg
 
-    straight = train(config(tmp_path / "straight"), progress=False)
-    with pytest.raises(_KilledError):  # checkpoint at 4, killed at 6
-        train(config(tmp_path / "killed"), progress=False, on_step=_kill_after(6))
-    resumed = train(config(tmp_path / "killed"), resume=True, progress=False)
-    assert resumed.resumed_from == 4
-    assert isinstance(resumed.loss, CrossBatchMemory)
-    assert resumed.losses == straight.losses
-    want, got = straight.loss.state_dict(), resumed.loss.state_dict()
+    loss = _killed_and_resumed_loss_state(config, tmp_path)
+    assert isinstance(loss, CrossBatchMemory)
+    want = loss.state_dict()
     assert want.keys() == {"memory", "memory_labels", "pointer", "filled", "iteration"}
-    for key, value in want.items():
-        assert torch.equal(value, got[key]), key
-    for key, value in _params(straight.model).items():
-        assert torch.equal(value, _params(resumed.model)[key]), key
     # 7 steps of 12 images enqueued (steps 2–8) into 30 rows: full, pointer at 84 mod 30
     assert (int(want["iteration"]), int(want["filled"]), int(want["pointer"])) == (n, 30, 24)
 

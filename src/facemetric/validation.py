@@ -26,6 +26,36 @@ def check_embeddings(embeddings: Tensor, labels: Tensor | None = None) -> None:
         check_labels(labels, embeddings.shape[0])
 
 
+def check_references(embeddings: Tensor, references: Tensor, reference_labels: Tensor) -> None:
+    """Check reference rows ``(M, D)`` (a cross-batch memory's) and their labels ``(M,)``
+    against a batch of embeddings ``(B, D)``: rank, width, dtype and length (no value is read;
+    ``M = 0`` is allowed — an empty memory).
+    """
+    if not isinstance(references, Tensor) or references.dim() != 2:
+        shape = tuple(references.shape) if isinstance(references, Tensor) else type(references)
+        raise ValueError(f"references must be a (rows, dim) tensor, got {shape}")
+    if not references.is_floating_point():
+        raise ValueError(f"references must be floating point, got {references.dtype}")
+    if references.shape[1] != embeddings.shape[1]:
+        raise ValueError(
+            f"references have {references.shape[1]} dimensions, the embeddings "
+            f"{embeddings.shape[1]}; pair the batch with rows of the same embedding model"
+        )
+    if not isinstance(reference_labels, Tensor) or reference_labels.dim() != 1:
+        raise ValueError(
+            "reference_labels must be a 1-D integer tensor, one label per reference row"
+        )
+    if reference_labels.is_floating_point() or reference_labels.dtype == torch.bool:
+        raise ValueError(
+            f"reference_labels must be an integer tensor (int64), got {reference_labels.dtype}"
+        )
+    if reference_labels.shape[0] != references.shape[0]:
+        raise ValueError(
+            f"references and reference_labels differ in length: {references.shape[0]} rows but "
+            f"{reference_labels.shape[0]} labels"
+        )
+
+
 def check_classifier_input(
     embeddings: Tensor, labels: Tensor, embedding_size: int, num_classes: int, owner: str
 ) -> None:

@@ -249,6 +249,22 @@ def test_embeddings_of_another_width_are_refused():
         memory(x, y)
 
 
+@pytest.mark.parametrize("loss", [NPairLoss(), ContrastiveLoss()], ids=["npair", "contrastive"])
+@pytest.mark.parametrize(("references", "reference_labels", "match"), [
+    (torch.zeros(3, 5), torch.zeros(3, dtype=torch.long), "references have 5 dimensions, the "
+     "embeddings 4"),
+    (torch.zeros(3, 4), torch.zeros(2, dtype=torch.long), "3 rows but 2 labels"),
+    (torch.zeros(3, 4), torch.zeros(3), "must be an integer tensor"),
+    (torch.zeros(3, 4), torch.zeros(3, 1, dtype=torch.long), "must be a 1-D integer tensor"),
+    (torch.zeros(4), torch.zeros(4, dtype=torch.long), r"must be a \(rows, dim\) tensor"),
+    (torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, dtype=torch.long), "floating point"),
+])
+def test_reference_loss_refuses_mismatched_references(loss, references, reference_labels, match):
+    x, y = next(_toy_batches(1))
+    with pytest.raises(ValueError, match=match):
+        loss.reference_loss(x, y, references, reference_labels)
+
+
 def _loss_config(**loss):
     raw = {"output_dir": "out", "data": {"root": "faces"}, "model": {"embedding_size": 16},
            "loss": {"name": "npair", **loss}, "batch": {"p": 4, "k": 2}}

@@ -10,7 +10,7 @@ from facemetric.distances import Distance
 from facemetric.losses.pair.base import TupleLoss, zero_loss
 from facemetric.miners.base import Miner
 from facemetric.tuples import Pairs, Triplets, as_pairs, same_label_mask
-from facemetric.validation import check_embeddings
+from facemetric.validation import check_embeddings, check_references
 
 
 class ContrastiveLoss(TupleLoss):
@@ -98,6 +98,7 @@ class ContrastiveLoss(TupleLoss):
         graph.
         """
         check_embeddings(embeddings, labels)
+        check_references(embeddings, references, reference_labels)
         if references.shape[0] == 0:
             return zero_loss(embeddings)
         dist = self.distance.matrix(embeddings, references.detach().to(embeddings.dtype))

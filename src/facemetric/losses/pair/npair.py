@@ -13,7 +13,7 @@ from facemetric.losses.pair.base import TupleLoss, zero_loss
 from facemetric.losses.pair.lifted_structure import flush_subnormal_grad, masked_logsumexp
 from facemetric.miners.base import Miner
 from facemetric.tuples import Pairs, Triplets, as_pairs, same_label_mask
-from facemetric.validation import check_embeddings
+from facemetric.validation import check_embeddings, check_references
 
 
 class NPairLoss(TupleLoss):
@@ -107,6 +107,7 @@ class NPairLoss(TupleLoss):
         ``ref_emb``.
         """
         check_embeddings(embeddings, labels)
+        check_references(embeddings, references, reference_labels)
         references = references.detach().to(embeddings.dtype)
         if self.inner_product:
             sim = embeddings @ references.T

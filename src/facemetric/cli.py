@@ -76,12 +76,43 @@ def _cmd_average(args: argparse.Namespace) -> int:
     paths = tail_checkpoints(run, from_step=args.from_step, to_step=args.to_step,
                              last_fraction=args.last_fraction)
     averaged = average_checkpoints(paths)
+    if args.recompute_batchnorm:
+        averaged = _recompute_batchnorm(averaged, args)
+    elif args.data is not None or args.people is not None or args.min_images is not None:
+        raise ValueError("--data, --people and --min-images choose the images of "
+                         "--recompute-batchnorm; add that flag or drop them")
     out = Path(args.out) if args.out else run / default_average_name(averaged)
     save_average(averaged, out)
     steps = averaged.steps
     print(f"averaged {len(steps)} checkpoints of {run} (steps {steps[0]:,}–{steps[-1]:,}): "
           f"{out}\n  evaluate or export it like a checkpoint: facemetric eval --model {out} ...")
     return 0
+
+
+def _recompute_batchnorm(averaged: Any, args: argparse.Namespace) -> Any:
+    """``facemetric average --recompute-batchnorm``: the images are ``--data/--people/
+    --min-images``, each defaulting to the run's stored ``[data]`` section."""
+    from facemetric.training.averaging import recompute_average_batchnorm
+
+    stored = averaged.config.get("data", {})
+    root = args.data if args.data is not None else stored.get("root")
+    people = args.people if args.people is not None else stored.get("people_file")
+    min_images = args.min_images if args.min_images is not None else int(
+        stored.get("min_images", 1))
+    if root is None:
+        raise ValueError("the run's configuration names no [data] root: pass --data")
+    for flag, path in (("--data", root), ("--people", people)):
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(
+                f"{path} (for {flag}; the run's own [data] unless given) does not exist from "
+                f"{Path.cwd()}: pass {flag} with the training images' path")
+    renewed = recompute_average_batchnorm(averaged, root, people_file=people,
+                                          min_images=min_images, progress=True)
+    record = renewed.batchnorm or {}
+    print(f"BatchNorm statistics recomputed over {record.get('images', 0):,} images of {root}"
+          + (f" ({len(record['unreadable'])} unreadable, replaced)"
+             if record.get("unreadable") else ""))
+    return renewed
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -348,6 +379,15 @@ def build_parser() -> argparse.ArgumentParser:
     avg.add_argument("--to-step", type=int, help="last step averaged (inclusive; default: the "
                      "last checkpoint)")
     avg.add_argument("--out", help="file to write (default: RUN/averaged_<first>-<last>.pt)")
+    avg.add_argument("--recompute-batchnorm", action="store_true",
+                     help="recompute BatchNorm's statistics for the averaged weights with one "
+                     "pass over the training images (SWA), instead of averaging them")
+    avg.add_argument("--data", help="with --recompute-batchnorm: the aligned images "
+                     "(root/<identity>/<file>; default: the run's [data] root)")
+    avg.add_argument("--people", help="with --recompute-batchnorm: the identities to use, an "
+                     "LFW people list (default: the run's [data] people_file)")
+    avg.add_argument("--min-images", type=int, help="with --recompute-batchnorm: leave out "
+                     "identities with fewer images (default: the run's [data] min_images)")
     avg.set_defaults(func=_cmd_average)
 
     distill = sub.add_parser(

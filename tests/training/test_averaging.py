@@ -105,7 +105,8 @@ def test_the_written_file_loads_as_a_model_and_not_as_a_run_to_resume(run, tmp_p
     assert out.name == "averaged_000000008-000000012.pt"
     stored = torch.load(out, weights_only=True)
     assert stored["averaged_from"] == {"method": "uniform", "steps": [8, 10, 12],
-                                       "files": [p.name for p in paths]}
+                                       "files": [p.name for p in paths],
+                                       "batchnorm": "averaged"}
     # a resumed run and "the newest checkpoint of a folder" ignore it
     assert latest_checkpoint(run).name == "checkpoint_000000012.pt"
     assert newest_checkpoint(run).name == "checkpoint_000000012.pt"
@@ -199,3 +200,56 @@ def test_the_command_writes_the_average_and_explains_a_bad_range(run, tmp_path, 
     assert main(["average", str(run), "--from-step", "20"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
     assert main(["average", str(tmp_path / "missing")]) == 2
+
+
+def _first_batchnorm_statistics(folder: Path, weights: dict[str, torch.Tensor]) -> tuple[
+        np.ndarray, np.ndarray]:
+    """The first BatchNorm's inputs over every image of ``folder`` (PNG read by PIL, scaled to
+    ``[-1, 1]``), convolved in float64 by explicit loops: mean and unbiased variance."""
+    from PIL import Image
+
+    files = sorted(folder.glob("*/*.png"))
+    x = np.stack([np.asarray(Image.open(f).convert("RGB"), dtype=np.float64) for f in files])
+    x = (x / 255.0 - 0.5) / 0.5
+    xp = np.pad(x.transpose(0, 3, 1, 2), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    conv = weights["features.0.weight"].double().numpy()
+    side = x.shape[1]
+    out = np.zeros((len(x), conv.shape[0], side, side))
+    for i in range(side):
+        for j in range(side):
+            out[:, :, i, j] = np.einsum("nchw,ochw->no", xp[:, :, i:i + 3, j:j + 3], conv)
+    values = out.transpose(1, 0, 2, 3).reshape(conv.shape[0], -1)
+    return values.mean(1), values.var(1, ddof=1)
+
+
+def test_the_command_recomputes_batchnorm_over_the_runs_own_images(run, tmp_path, capsys):
+    out = tmp_path / "avg_bn.pt"
+    plain = average_checkpoints(tail_checkpoints(run, last_fraction=0.5))
+    assert main(["average", str(run), "--last-fraction", "0.5", "--recompute-batchnorm",
+                 "--out", str(out)]) == 0
+    assert "BatchNorm statistics recomputed over 24 images" in capsys.readouterr().out
+    stored = torch.load(out, weights_only=True)
+    record = stored["averaged_from"]["batchnorm"]
+    faces = Path(plain.config["data"]["root"])
+    assert record["images"] == 24 and record["root"] == str(faces) and record["unreadable"] == []
+    weights = stored["model"]
+    running = {k for k in weights if k.endswith(("running_mean", "running_var"))}
+    assert len(running) == 8
+    for key, value in plain.weights.items():  # everything else is the plain average
+        if key not in running:
+            assert torch.equal(weights[key], value), key
+    mean, var = _first_batchnorm_statistics(faces, plain.weights)
+    np.testing.assert_allclose(weights["features.1.running_mean"].numpy(), mean, rtol=1e-4,
+                               atol=1e-5)
+    np.testing.assert_allclose(weights["features.1.running_var"].numpy(), var, rtol=1e-4)
+    assert not np.allclose(plain.weights["features.1.running_var"].numpy(), var, rtol=1e-2)
+    assert load_model(out).contract.weights_sha256 == sha256_of_tensors(weights)
+
+
+def test_the_command_refuses_images_it_cannot_find_or_would_not_use(run, tmp_path, capsys):
+    args = ["average", str(run), "--out", str(tmp_path / "x.pt")]
+    assert main([*args, "--recompute-batchnorm", "--data", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere (for --data" in capsys.readouterr().err
+    assert main([*args, "--data", str(tmp_path)]) == 2
+    assert "add that flag or drop them" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()

@@ -13,9 +13,10 @@ checkpoint averaging of the Kaggle metric-learning solutions. Where the run kept
 (``[train] ema_decay``), each checkpoint's ``"model"`` already is that average over the last
 ~``1/(1 − decay)`` steps: the uniform average over a longer tail widens the window.
 
-BatchNorm's running statistics are averaged like the weights, as the EMA does, rather than
-recomputed for the averaged weights (SWA recomputes them with a pass over the training data);
-along the low-learning-rate tail of a cosine schedule the checkpoints' statistics differ little.
+BatchNorm's running statistics are averaged like the weights, as the EMA does. SWA proper
+recomputes them for the averaged weights with a pass over the training data:
+:func:`recompute_average_batchnorm` does that (``facemetric average --recompute-batchnorm``),
+with :func:`facemetric.training.batchnorm_statistics.recompute_batchnorm`.
 
 The result is written as a file :func:`facemetric.inference.load_model` reads like a
 checkpoint (``"model"``, ``"config"``, ``"step"`` = the last averaged step) plus
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from facemetric.atomic import atomic_write
@@ -47,12 +49,16 @@ class AveragedWeights:
         config: the training configuration stored in the last checkpoint.
         steps: the averaged checkpoints' steps, ascending.
         files: their file names, in the same order.
+        batchnorm: ``None`` when BatchNorm's statistics are the checkpoints' average; after
+            :func:`recompute_average_batchnorm`, where they were recomputed (``root``,
+            ``people_file``, ``min_images``, ``images``).
     """
 
     weights: dict[str, torch.Tensor]
     config: dict[str, Any]
     steps: tuple[int, ...]
     files: tuple[str, ...]
+    batchnorm: dict[str, Any] | None = None
 
 
 def _model_identity(config: dict[str, Any]) -> tuple[Any, ...]:
@@ -119,6 +125,80 @@ def average_checkpoints(paths: list[str | os.PathLike[str]]) -> AveragedWeights:
     return AveragedWeights(averaged, config, steps, tuple(loaded[s].name for s in steps))
 
 
+def _batches(n: int, size: int) -> list[range]:
+    """``0 .. n`` in chunks of ``size``, a trailing chunk of one image merged into the one
+    before (BatchNorm in training mode needs two values per channel)."""
+    bounds = list(range(0, n, size)) + [n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def recompute_average_batchnorm(
+    averaged: AveragedWeights,
+    root: str | os.PathLike[str],
+    *,
+    people_file: str | os.PathLike[str] | None = None,
+    min_images: int = 1,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> AveragedWeights:
+    """``averaged`` with BatchNorm's running statistics recomputed for its weights over the
+    images of ``root`` (``root/<identity>/<file>``, chosen by ``people_file`` and
+    ``min_images`` as the training run chose them), in the evaluation preprocessing (resize to
+    the run's ``image_size``, no augmentation) — SWA's last step (module docstring of
+    :mod:`facemetric.training.batchnorm_statistics`). Weights other than the running means
+    and variances are unchanged.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a folder.
+        ValueError: the stored configuration cannot rebuild the backbone; the backbone has no
+            BatchNorm; ``batch_size < 2``; non-finite statistics.
+    """
+    from facemetric.data.folders import IdentityFolder
+    from facemetric.data.transforms import eval_transform
+    from facemetric.models import build_model
+    from facemetric.training.batchnorm_statistics import batchnorm_layers, recompute_batchnorm
+
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be at least 2 (BatchNorm needs two values per "
+                         f"channel), got {batch_size}")
+    try:
+        section = averaged.config["model"]
+        name, dim = str(section["name"]), int(section["embedding_size"])
+        options = dict(section.get("options", {}))
+        size = int(averaged.config["data"]["image_size"])
+        model = build_model(name, dim, **options)
+        model.load_state_dict(averaged.weights)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"cannot rebuild the averaged backbone from its stored configuration: "
+                         f"{err}") from err
+    preprocess = eval_transform(size)
+    rng = np.random.default_rng(0)  # eval_transform draws nothing; the argument is required
+    folder = IdentityFolder(root, people_file=people_file, min_images=min_images,
+                            transform=lambda image: preprocess(image, rng))
+
+    def batches() -> Any:
+        chunks = _batches(len(folder), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            chunks = tqdm(chunks, desc="batchnorm statistics", unit="batch")
+        for chunk in chunks:
+            yield torch.stack([folder[i][0] for i in chunk])
+
+    images = recompute_batchnorm(model, batches())
+    state = model.state_dict()
+    renewed = {f"{layer}.{stat}" for layer, _ in batchnorm_layers(model)
+               for stat in ("running_mean", "running_var")}
+    weights = {k: state[k].detach().clone() if k in renewed else v
+               for k, v in averaged.weights.items()}
+    record = {"root": str(root), "people_file": None if people_file is None else str(people_file),
+              "min_images": min_images, "images": images,
+              "unreadable": [str(f.path) for f in folder.failures]}
+    return AveragedWeights(weights, averaged.config, averaged.steps, averaged.files, record)
+
+
 def tail_checkpoints(
     run_dir: str | os.PathLike[str],
     *,
@@ -164,7 +244,8 @@ def save_average(averaged: AveragedWeights, path: str | os.PathLike[str]) -> Pat
         "config": averaged.config,
         "step": averaged.steps[-1],
         "averaged_from": {"method": "uniform", "steps": list(averaged.steps),
-                          "files": list(averaged.files)},
+                          "files": list(averaged.files),
+                          "batchnorm": averaged.batchnorm or "averaged"},
     }
     return atomic_write(Path(path), lambda f: torch.save(payload, f))
 
@@ -178,6 +259,7 @@ __all__ = [
     "AveragedWeights",
     "average_checkpoints",
     "default_average_name",
+    "recompute_average_batchnorm",
     "save_average",
     "tail_checkpoints",
 ]

@@ -125,9 +125,23 @@ def test_refusals_leave_the_model_unchanged():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="no image was given"):
         recompute_batchnorm(model, [])
+    with pytest.raises(ValueError, match="a batch of 1 image"):
+        recompute_batchnorm(model, [_images(n=1)])
     bad = _images()
     bad[3, 0, 2, 2] = float("nan")
     with pytest.raises(ValueError, match="not finite"):
         recompute_batchnorm(model, [bad])
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(("n", "size", "want"), [
+    (130, 64, [64, 64, 2]), (128, 64, [64, 64]), (129, 64, [64, 65]), (5, 64, [5]),
+    (2, 1, [2]), (3, 2, [3]),
+])
+def test_the_averaged_models_batches_never_end_with_a_single_image(n, size, want):
+    from facemetric.training.averaging import _batches
+
+    chunks = _batches(n, size)
+    assert [len(c) for c in chunks] == want
+    assert [i for c in chunks for i in c] == list(range(n))

@@ -27,6 +27,7 @@ cannot resume from it, and its name (``averaged_<first>-<last>.pt`` by default) 
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,10 +129,10 @@ def average_checkpoints(paths: list[str | os.PathLike[str]]) -> AveragedWeights:
 def _batches(n: int, size: int) -> list[range]:
     """``0 .. n`` in chunks of ``size``, a trailing chunk of one image merged into the one
     before (BatchNorm in training mode needs two values per channel)."""
-    bounds = list(range(0, n, size)) + [n]
+    bounds = [*range(0, n, size), n]
     if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
         del bounds[-2]
-    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return [range(a, b) for a, b in itertools.pairwise(bounds)]
 
 
 def recompute_average_batchnorm(

@@ -95,7 +95,12 @@ def recompute_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> int:
             m.train()
         with torch.no_grad():
             for batch in batches:
-                model(batch.to(device))
+                try:
+                    model(batch.to(device))
+                except ValueError as err:  # BatchNorm1d in training mode, one value per channel
+                    raise ValueError(f"a batch of {batch.shape[0]} image(s) could not pass "
+                                     f"BatchNorm in training mode ({err}); give batches of at "
+                                     "least two images") from err
                 images += int(batch.shape[0])
     finally:
         for hook in hooks:

@@ -9,13 +9,16 @@ Generalization", UAI 2018) recompute them with one pass over the training data; 
     μ_c = (1/N) Σ_i x_ic,        σ²_c = 1/(N − 1) Σ_i (x_ic − μ_c)²
 
 over all ``N`` values of channel ``c`` that reach the layer during the pass (every image, and
-every spatial position for 2-d/3-d layers), accumulated exactly in float64 with Chan et al.'s
-pairwise update, whatever the batch sizes. ``σ²`` is unbiased, as the running variance PyTorch
-keeps. During the pass each BatchNorm runs in training mode — it normalises with the batch's
-statistics, as in training — and every other module (dropout among them) in evaluation mode.
+every spatial position for 2-d/3-d layers): each batch's mean and variance as BatchNorm
+itself computes them in training mode (read back through momentum 1, so the pass costs one
+training-mode forward), merged across batches in float64 with Chan et al.'s pairwise update,
+so the result is that of one pass over all images whatever the batch sizes. ``σ²`` is
+unbiased, as the running variance PyTorch keeps. During the pass each BatchNorm runs in
+training mode — it normalises with the batch's statistics, as in training — and every other
+module (dropout among them) in evaluation mode.
 This differs from ``torch.optim.swa_utils.update_bn``, whose cumulative average over batches
 weights a short last batch like a full one and, averaging per-batch variances, leaves out the
-spread of the batch means; here both are exact.
+spread of the batch means; here neither happens.
 
 Afterwards the model's training flags and ``num_batches_tracked`` are as before; only the
 running means and variances changed.
@@ -31,21 +34,19 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 
 class _Moments:
-    """Count, mean and sum of squared deviations per channel, in float64 (Chan et al. 1979)."""
+    """Count, mean and sum of squared deviations per channel, merged in float64 (Chan, Golub
+    and LeVeque 1979)."""
 
     def __init__(self) -> None:
         self.count = 0
         self.mean: Tensor | None = None
         self.m2: Tensor | None = None
 
-    def add(self, x: Tensor) -> None:
-        """Add the values of ``x`` (``(B, C, ...)``) channel by channel."""
-        flat = x.detach().double().transpose(0, 1).reshape(x.shape[1], -1)
-        n = flat.shape[1]
+    def add(self, n: int, mean: Tensor, m2: Tensor) -> None:
+        """Merge one batch's ``n`` values per channel, their mean and squared deviations."""
         if n == 0:
             return
-        mean = flat.mean(1)
-        m2 = ((flat - mean[:, None]) ** 2).sum(1)
+        mean, m2 = mean.to(torch.float64, copy=True), m2.to(torch.float64, copy=True)
         if self.mean is None or self.m2 is None:
             self.count, self.mean, self.m2 = n, mean, m2
             return
@@ -85,14 +86,23 @@ def recompute_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> int:
     tracked = {m: None if m.num_batches_tracked is None else m.num_batches_tracked.clone()
                for _, m in layers}
     saved = {m: (m.running_mean.clone(), m.running_var.clone()) for _, m in layers}
+    momenta = {m: m.momentum for _, m in layers}
     moments = {m: _Moments() for _, m in layers}
-    hooks = [m.register_forward_pre_hook(lambda mod, args: moments[mod].add(args[0]))
-             for _, m in layers]
+
+    def read_batch(module: nn.Module, args: tuple[Tensor, ...], _: Tensor) -> None:
+        # momentum 1: BatchNorm has just set its running statistics to this batch's own
+        # (unbiased variance), so they are read instead of computed a second time
+        assert isinstance(module, _BatchNorm)
+        n = args[0].numel() // args[0].shape[1]
+        moments[module].add(n, module.running_mean, module.running_var * (n - 1))
+
+    hooks = [m.register_forward_hook(read_batch) for _, m in layers]
     images = 0
     try:
         model.eval()
         for _, m in layers:
             m.train()
+            m.momentum = 1.0
         with torch.no_grad():
             for batch in batches:
                 try:
@@ -110,6 +120,8 @@ def recompute_batchnorm(model: nn.Module, batches: Iterable[Tensor]) -> int:
         for m, count in tracked.items():
             if count is not None:
                 m.num_batches_tracked.copy_(count)
+        for m, momentum in momenta.items():
+            m.momentum = momentum
         for m, (mean, var) in saved.items():  # the forward passes moved them; put them back
             m.running_mean.copy_(mean)
             m.running_var.copy_(var)

@@ -19,6 +19,7 @@ from facemetric.training import latest_checkpoint, train
 from facemetric.training.averaging import (
     average_checkpoints,
     default_average_name,
+    recompute_average_batchnorm,
     save_average,
     tail_checkpoints,
 )
@@ -253,3 +254,19 @@ def test_the_command_refuses_images_it_cannot_find_or_would_not_use(run, tmp_pat
     assert main([*args, "--data", str(tmp_path)]) == 2
     assert "add that flag or drop them" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_shuffled_small_batches_still_see_every_image_once(run):
+    plain = average_checkpoints(tail_checkpoints(run, last_fraction=0.5))
+    faces = Path(plain.config["data"]["root"])
+    mean, var = _first_batchnorm_statistics(faces, plain.weights)
+    for seed in (0, 1):
+        renewed = recompute_average_batchnorm(plain, faces, min_images=2, batch_size=5,
+                                              seed=seed)
+        assert renewed.batchnorm is not None and renewed.batchnorm["images"] == 24
+        np.testing.assert_allclose(renewed.weights["features.1.running_mean"].numpy(), mean,
+                                   rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(renewed.weights["features.1.running_var"].numpy(), var,
+                                   rtol=1e-4)
+    with pytest.raises(ValueError, match="batch_size must be at least 2"):
+        recompute_average_batchnorm(plain, faces, batch_size=1)

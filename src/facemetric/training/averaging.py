@@ -142,12 +142,14 @@ def recompute_average_batchnorm(
     people_file: str | os.PathLike[str] | None = None,
     min_images: int = 1,
     batch_size: int = 64,
+    seed: int = 0,
     progress: bool = False,
 ) -> AveragedWeights:
     """``averaged`` with BatchNorm's running statistics recomputed for its weights over the
     images of ``root`` (``root/<identity>/<file>``, chosen by ``people_file`` and
     ``min_images`` as the training run chose them), in the evaluation preprocessing (resize to
-    the run's ``image_size``, no augmentation) — SWA's last step (module docstring of
+    the run's ``image_size``, no augmentation), in batches of ``batch_size`` drawn in an order
+    shuffled by ``seed`` — SWA's last step (module docstring of
     :mod:`facemetric.training.batchnorm_statistics`). Weights other than the running means
     and variances are unchanged.
 
@@ -179,6 +181,11 @@ def recompute_average_batchnorm(
     folder = IdentityFolder(root, people_file=people_file, min_images=min_images,
                             transform=lambda image: preprocess(image, rng))
 
+    # A fixed shuffle: batches of many identities, as in training (in file order a batch of
+    # 64 holds a handful of identities, and BatchNorm normalises deeper layers' inputs with
+    # those batches' statistics).
+    order = np.random.default_rng(seed).permutation(len(folder))
+
     def batches() -> Any:
         chunks = _batches(len(folder), batch_size)
         if progress:
@@ -186,7 +193,7 @@ def recompute_average_batchnorm(
 
             chunks = tqdm(chunks, desc="batchnorm statistics", unit="batch")
         for chunk in chunks:
-            yield torch.stack([folder[i][0] for i in chunk])
+            yield torch.stack([folder[int(order[i])][0] for i in chunk])
 
     images = recompute_batchnorm(model, batches())
     state = model.state_dict()
@@ -195,7 +202,7 @@ def recompute_average_batchnorm(
     weights = {k: state[k].detach().clone() if k in renewed else v
                for k, v in averaged.weights.items()}
     record = {"root": str(root), "people_file": None if people_file is None else str(people_file),
-              "min_images": min_images, "images": images,
+              "min_images": min_images, "images": images, "batch_size": batch_size, "seed": seed,
               "unreadable": [str(f.path) for f in folder.failures]}
     return AveragedWeights(weights, averaged.config, averaged.steps, averaged.files, record)
 

@@ -51,8 +51,9 @@ class AveragedWeights:
         steps: the averaged checkpoints' steps, ascending.
         files: their file names, in the same order.
         batchnorm: ``None`` when BatchNorm's statistics are the checkpoints' average; after
-            :func:`recompute_average_batchnorm`, where they were recomputed (``root``,
-            ``people_file``, ``min_images``, ``images``).
+            :func:`recompute_average_batchnorm`, how they were recomputed (``root``,
+            ``people_file``, ``min_images``, ``images``, ``batch_size``, ``seed``,
+            ``unreadable``: the files that could not be read and were replaced).
     """
 
     weights: dict[str, torch.Tensor]

@@ -6,9 +6,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from facemetric import __version__
+
+if TYPE_CHECKING:
+    from facemetric.training.averaging import AveragedWeights
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -89,7 +92,7 @@ def _cmd_average(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recompute_batchnorm(averaged: Any, args: argparse.Namespace) -> Any:
+def _recompute_batchnorm(averaged: AveragedWeights, args: argparse.Namespace) -> AveragedWeights:
     """``facemetric average --recompute-batchnorm``: the images are ``--data/--people/
     --min-images``, each defaulting to the run's stored ``[data]`` section."""
     from facemetric.training.averaging import recompute_average_batchnorm

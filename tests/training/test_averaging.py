@@ -25,6 +25,7 @@ from facemetric.training.averaging import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_batchnorm_statistics import conv3x3_channel_moments  # a float64 loop convolution
 from test_loop import _config, _make_folder  # the loop tests' synthetic faces and config
 
 
@@ -212,15 +213,8 @@ def _first_batchnorm_statistics(folder: Path, weights: dict[str, torch.Tensor]) 
     files = sorted(folder.glob("*/*.png"))
     x = np.stack([np.asarray(Image.open(f).convert("RGB"), dtype=np.float64) for f in files])
     x = (x / 255.0 - 0.5) / 0.5
-    xp = np.pad(x.transpose(0, 3, 1, 2), ((0, 0), (0, 0), (1, 1), (1, 1)))
-    conv = weights["features.0.weight"].double().numpy()
-    side = x.shape[1]
-    out = np.zeros((len(x), conv.shape[0], side, side))
-    for i in range(side):
-        for j in range(side):
-            out[:, :, i, j] = np.einsum("nchw,ochw->no", xp[:, :, i:i + 3, j:j + 3], conv)
-    values = out.transpose(1, 0, 2, 3).reshape(conv.shape[0], -1)
-    return values.mean(1), values.var(1, ddof=1)
+    return conv3x3_channel_moments(x.transpose(0, 3, 1, 2),
+                                   weights["features.0.weight"].numpy())
 
 
 def test_the_command_recomputes_batchnorm_over_the_runs_own_images(run, tmp_path, capsys):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from facemetric.inference.calibration import CALIBRATION_FILE, ThresholdTable
 from facemetric.inference.contract import ModelContract, sha256_of_tensors
@@ -88,13 +89,40 @@ def read_backbone(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor]
     return weights, config, step
 
 
-def _model_section(config: dict[str, Any], path: Path) -> tuple[str, int, dict[str, Any], int]:
+def model_section(config: dict[str, Any], source: str | os.PathLike[str]) -> tuple[
+        str, int, dict[str, Any], int]:
+    """``(backbone name, embedding size, backbone options, image size)`` from a stored
+    training configuration; ``source`` names the file in the error.
+
+    Raises:
+        ValueError: the configuration lacks ``[model]`` or ``[data] image_size``.
+    """
     try:
         model = config["model"]
         return (str(model["name"]), int(model["embedding_size"]), dict(model.get("options", {})),
                 int(config["data"]["image_size"]))
     except (KeyError, TypeError) as err:
-        raise ValueError(f"{path}: the stored configuration lacks [model]/[data] {err}") from err
+        raise ValueError(f"{source}: the stored configuration lacks [model]/[data] {err}") from err
+
+
+def rebuild_backbone(
+    weights: dict[str, torch.Tensor], config: dict[str, Any], source: str | os.PathLike[str]
+) -> nn.Module:
+    """The backbone a stored training configuration describes, with ``weights`` loaded.
+
+    Raises:
+        ValueError: the configuration lacks ``[model]``/``[data]``, names a backbone or an
+            option that does not exist, or does not fit the weights.
+    """
+    from facemetric.models import build_model
+
+    name, dim, options, _ = model_section(config, source)
+    try:
+        model = build_model(name, dim, **options)
+        model.load_state_dict(weights)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{source}: cannot rebuild the backbone {name!r}: {err}") from err
+    return model
 
 
 def load_checkpoint_encoder(
@@ -110,16 +138,10 @@ def load_checkpoint_encoder(
     beside the checkpoint was calibrated for these weights and this flip-test setting,
     else ``None``.
     """
-    from facemetric.models import build_model
-
     path = resolve_checkpoint(source)
     weights, config, step = read_backbone(path)
-    name, dim, options, image_size = _model_section(config, path)
-    try:
-        model = build_model(name, dim, **options)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{path}: cannot rebuild the backbone {name!r}: {err}") from err
-    model.load_state_dict(weights)
+    name, dim, options, image_size = model_section(config, path)
+    model = rebuild_backbone(weights, config, path)
     contract = ModelContract(
         backbone=name,
         input_size=image_size,
@@ -152,7 +174,9 @@ def find_calibration(folder: Path, fingerprint: str) -> ThresholdTable | None:
 __all__ = [
     "find_calibration",
     "load_checkpoint_encoder",
+    "model_section",
     "newest_checkpoint",
     "read_backbone",
+    "rebuild_backbone",
     "resolve_checkpoint",
 ]

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from facemetric.atomic import atomic_write
-from facemetric.inference.checkpoint import read_backbone
+from facemetric.inference.checkpoint import model_section, read_backbone, rebuild_backbone
 from facemetric.training.checkpoint import FORMAT_VERSION, list_checkpoints, non_finite_tensors
 
 
@@ -161,22 +161,14 @@ def recompute_average_batchnorm(
     """
     from facemetric.data.folders import IdentityFolder
     from facemetric.data.transforms import eval_transform
-    from facemetric.models import build_model
     from facemetric.training.batchnorm_statistics import batchnorm_layers, recompute_batchnorm
 
     if batch_size < 2:
         raise ValueError(f"batch_size must be at least 2 (BatchNorm needs two values per "
                          f"channel), got {batch_size}")
-    try:
-        section = averaged.config["model"]
-        name, dim = str(section["name"]), int(section["embedding_size"])
-        options = dict(section.get("options", {}))
-        size = int(averaged.config["data"]["image_size"])
-        model = build_model(name, dim, **options)
-        model.load_state_dict(averaged.weights)
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise ValueError(f"cannot rebuild the averaged backbone from its stored configuration: "
-                         f"{err}") from err
+    source = f"the average of {', '.join(averaged.files)}"
+    size = model_section(averaged.config, source)[3]
+    model = rebuild_backbone(averaged.weights, averaged.config, source)
     preprocess = eval_transform(size)
     rng = np.random.default_rng(0)  # eval_transform draws nothing; the argument is required
     folder = IdentityFolder(root, people_file=people_file, min_images=min_images,
